@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP_SERVER := $(VENV)/.installed-server
+STAMP_TEST   := $(VENV)/.installed-test
+
+.PHONY: test demo lint typecheck bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP_SERVER): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[server,sample]'
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(STAMP_SERVER)
+
+lint: $(STAMP_TEST)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: $(STAMP_TEST)
+	$(VENV)/bin/mypy instrumentation/src storage/src rules/src receiver/src
+
+test: lint $(STAMP_TEST)
+	$(PY) -m pytest -q
+
+demo: $(STAMP_SERVER)
+	$(PY) -m phiaudit.receiver.demo
+
+bench: $(STAMP_TEST)
+	$(PY) bench/receiver.py
+
+clean:
+	rm -rf $(VENV) phiaudit-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,141 @@
+"""Hash chains: every stored audit row links to its writer's previous row.
+
+Each writer (one receiver process identity) numbers its rows 1, 2, 3, ... without gaps and
+links them::
+
+    hash(row n) = SHA-256( prev_hash || canonical(row n) )     prev_hash(row 1) = 32 zero bytes
+
+``canonical(row)`` concatenates every column except ``prev_hash`` and ``hash``, in table
+order, each as a netstring (``b"<decimal length>:" + bytes``), with these encodings:
+
+=====================  =====================================================================
+UUID                   the 36-character text form (``toString(event_id)`` in ClickHouse)
+DateTime64(6)          decimal microseconds since the epoch (``toUnixTimestamp64Micro``)
+integers, Bool         decimal text (``toString``); Bool as ``1``/``0``
+String, FixedString    the bytes as stored (ciphertexts included)
+Array(String)          the netstrings of the items, concatenated, as one netstring
+=====================  =====================================================================
+
+The encoding is chosen so that ClickHouse SQL can recompute it (``SHA256``, ``concat``,
+``length``) for a verification pushed into the database.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._schema import Column
+
+__all__ = ["GENESIS", "ChainState", "canonical_encoder", "link_rows"]
+
+GENESIS = b"\x00" * 32
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+
+
+def _ns(b: bytes) -> bytes:
+    return str(len(b)).encode() + b":" + b
+
+
+def _enc_str(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return _ns(v)
+    return _ns(str(v).encode("utf-8", "surrogatepass"))
+
+
+def _enc_uuid(v: Any) -> bytes:
+    return _ns(str(v).encode() if isinstance(v, uuid.UUID) else str(uuid.UUID(str(v))).encode())
+
+
+def _enc_int(v: Any) -> bytes:
+    return _ns(str(int(v)).encode())
+
+
+def _enc_bool(v: Any) -> bytes:
+    return _ns(b"1" if v else b"0")
+
+
+def _enc_time_us(v: Any) -> bytes:
+    if isinstance(v, _dt.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=_dt.UTC)
+        delta = v - _EPOCH
+        micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return _ns(str(micros).encode())
+    return _ns(str(int(v)).encode())
+
+
+def _enc_array(v: Any) -> bytes:
+    return _ns(b"".join(_enc_str(x) for x in v))
+
+
+def _encoder_for(col: Column) -> Callable[[Any], bytes]:
+    t = col.type
+    if t == "UUID":
+        return _enc_uuid
+    if t.startswith("DateTime64(6"):
+        return _enc_time_us
+    if t == "Bool":
+        return _enc_bool
+    if t.startswith(("UInt", "Int")):
+        return _enc_int
+    if t.startswith("Array("):
+        return _enc_array
+    return _enc_str
+
+
+def canonical_encoder(columns: Sequence[Column]) -> Callable[[Sequence[Any]], bytes]:
+    """Return ``f(row) -> bytes`` for rows given in ``columns`` order (chain columns excluded
+    from the encoding are ``prev_hash`` and ``hash``; ``writer_id`` and ``seq`` are included)."""
+    plan = [
+        (i, _encoder_for(c)) for i, c in enumerate(columns) if c.name not in ("prev_hash", "hash")
+    ]
+
+    def encode(row: Sequence[Any]) -> bytes:
+        return b"".join(enc(row[i]) for i, enc in plan)
+
+    return encode
+
+
+class ChainState:
+    """A writer's position: the last committed sequence number and hash."""
+
+    __slots__ = ("head", "seq", "writer_id")
+
+    def __init__(self, writer_id: str, seq: int = 0, head: bytes = GENESIS) -> None:
+        self.writer_id = writer_id
+        self.seq = seq
+        self.head = head
+
+    def __repr__(self) -> str:
+        return f"ChainState({self.writer_id!r}, seq={self.seq}, head={self.head.hex()[:16]}...)"
+
+
+def link_rows(
+    state: ChainState,
+    columns: Sequence[Column],
+    rows: list[list[Any]],
+    encode: Callable[[Sequence[Any]], bytes] | None = None,
+) -> tuple[int, bytes]:
+    """Fill writer_id, seq, prev_hash and hash of ``rows`` (in place) continuing ``state``.
+
+    Returns the new (seq, head) without changing ``state``: the caller commits it only after
+    the rows are stored.
+    """
+    names = [c.name for c in columns]
+    i_w, i_s, i_p, i_h = (names.index(n) for n in ("writer_id", "seq", "prev_hash", "hash"))
+    enc = encode or canonical_encoder(columns)
+    seq, head = state.seq, state.head
+    sha = hashlib.sha256
+    for row in rows:
+        seq += 1
+        row[i_w] = state.writer_id
+        row[i_s] = seq
+        row[i_p] = head
+        head = sha(head + enc(row)).digest()
+        row[i_h] = head
+    return seq, head

@@ -1,0 +1,39 @@
+"""Child-process entry point: run the schema migrations with the administrator engine.
+
+``python -m phiaudit.storage._migrate DATA_DIR DATABASE``. Used by ``migrate()`` before the
+restricted engine is opened in the service process (one engine per process).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import clickhouse_connect
+
+    from ._schema import SCHEMA_VERSION, migration_statements
+
+    data_dir = Path(argv[0]).resolve()
+    database = argv[1]
+    (data_dir / "clickhouse").mkdir(parents=True, exist_ok=True, mode=0o700)
+    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
+    for stmt in migration_statements(database):
+        client.command(stmt)
+    done = client.query(f"SELECT count() FROM `{database}`.schema_migrations "
+                        "WHERE version = {v:UInt32}", parameters={"v": SCHEMA_VERSION})
+    if not done.result_rows[0][0]:
+        client.insert(f"{database}.schema_migrations", [[SCHEMA_VERSION]],
+                      column_names=["version"])
+    client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Exception as exc:  # noqa: BLE001 - one line for the parent, no traceback
+        code = str(exc).split("\n", 1)[0][:200]
+        print(f"migration error: {type(exc).__name__}: {code}", file=sys.stderr)
+        sys.exit(1)

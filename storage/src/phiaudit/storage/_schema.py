@@ -1,0 +1,188 @@
+"""The stored tables and their migrations.
+
+Every table is plain MergeTree (never Replacing/Collapsing: a user who may only INSERT could
+otherwise replace or cancel rows), partitioned by month, with no TTL: retention is enforced by
+phiaudit itself (six years at least). Table and column names are constants of this module and
+are the only identifiers ever formatted into SQL; values always travel as parameters or as
+inserted data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AUDIT_COLUMNS",
+    "ACCESS_LOG_COLUMNS",
+    "ENCRYPTED_COLUMNS",
+    "SCHEMA_VERSION",
+    "TRACE_COLUMNS",
+    "Column",
+    "migration_statements",
+]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    kind: str = "plain"  # plain | encrypted | chain
+    comment: str = ""
+
+
+_CHAIN = [
+    Column("writer_id", "LowCardinality(String)", "chain", "which writer appended the row"),
+    Column("seq", "UInt64", "chain", "per-writer sequence number, gap-free"),
+    Column("prev_hash", "FixedString(32)", "chain", "hash of the writer's previous row"),
+    Column("hash", "FixedString(32)", "chain", "SHA-256 over prev_hash and the canonical row"),
+]
+
+#: audit_events: one row per audit event per patient touched.
+AUDIT_COLUMNS: list[Column] = [
+    Column("event_id", "UUID", comment="unique per row"),
+    Column("event_time", "DateTime64(6, 'UTC')", comment="when: span start (UTC, us)"),
+    Column("received_time", "DateTime64(6, 'UTC')", comment="when the receiver took it"),
+    Column("time_source", "LowCardinality(String)", comment="span | receiver (span time absurd)"),
+    Column("source", "LowCardinality(String)", comment="span | span_event | log"),
+    Column("action", "LowCardinality(String)"),
+    Column("outcome", "LowCardinality(String)", comment="success | failure"),
+    Column("outcome_reason", "LowCardinality(String)", comment="explicit, status, http, exception"),
+    Column("actor_id", "String", comment="who: enduser.id / user.id"),
+    Column("actor_type", "LowCardinality(String)"),
+    Column("actor_roles", "Array(LowCardinality(String))"),
+    Column("service_name", "LowCardinality(String)"),
+    Column("host_name", "LowCardinality(String)"),
+    Column("resource_type", "LowCardinality(String)"),
+    Column("resource_id", "String", "encrypted"),
+    Column("resource_bidx", "String", comment="blind index of type/id"),
+    Column("patient_id", "String", "encrypted"),
+    Column("patient_bidx", "String", comment="blind index of the patient id"),
+    Column("record_count", "UInt64"),
+    Column("query", "String", "encrypted"),
+    Column("purpose", "LowCardinality(String)"),
+    Column("recipient", "String", "encrypted"),
+    Column("client_address", "String", "encrypted"),
+    Column("client_bidx", "String", comment="blind index of the client address"),
+    Column("user_agent", "String"),
+    Column("device_id", "String", "encrypted"),
+    Column("http_method", "LowCardinality(String)"),
+    Column("http_route", "LowCardinality(String)"),
+    Column("http_status", "UInt16"),
+    Column("trace_id", "String", comment="hex, as in otel_traces.TraceId"),
+    Column("span_id", "String"),
+    Column("sender", "LowCardinality(String)", comment="authenticated client identity"),
+    Column("extra", "String", "encrypted", "other attributes of the audit span, JSON"),
+    Column("key_id", "UInt32", comment="data key of the encrypted columns"),
+    *_CHAIN,
+]
+
+#: access_log: every read of the audit data through phiaudit, refused ones too.
+ACCESS_LOG_COLUMNS: list[Column] = [
+    Column("event_id", "UUID"),
+    Column("time", "DateTime64(6, 'UTC')"),
+    Column("principal", "String"),
+    Column("role", "LowCardinality(String)"),
+    Column("interface", "LowCardinality(String)", comment="service | direct"),
+    Column("statement", "String", "encrypted", "the query text (may carry PHI)"),
+    Column("statement_sha256", "String", comment="hex digest of the query text"),
+    Column("decrypt", "Bool"),
+    Column("rows_returned", "UInt64"),
+    Column("outcome", "LowCardinality(String)", comment="ok | denied | error"),
+    Column("reason", "String", comment="why refused or failed; never PHI"),
+    Column("key_id", "UInt32"),
+    *_CHAIN,
+]
+
+#: otel_traces: the OpenTelemetry Collector ClickHouse exporter's schema (Grafana reads it).
+TRACE_COLUMNS: list[Column] = [
+    Column("Timestamp", "DateTime64(9)"),
+    Column("TraceId", "String"),
+    Column("SpanId", "String"),
+    Column("ParentSpanId", "String"),
+    Column("TraceState", "String"),
+    Column("SpanName", "LowCardinality(String)"),
+    Column("SpanKind", "LowCardinality(String)"),
+    Column("ServiceName", "LowCardinality(String)"),
+    Column("ResourceAttributes", "Map(LowCardinality(String), String)"),
+    Column("ScopeName", "String"),
+    Column("ScopeVersion", "String"),
+    Column("SpanAttributes", "Map(LowCardinality(String), String)"),
+    Column("Duration", "UInt64"),
+    Column("StatusCode", "LowCardinality(String)"),
+    Column("StatusMessage", "String"),
+    Column("Events.Timestamp", "Array(DateTime64(9))"),
+    Column("Events.Name", "Array(LowCardinality(String))"),
+    Column("Events.Attributes", "Array(Map(LowCardinality(String), String))"),
+    Column("Links.TraceId", "Array(String)"),
+    Column("Links.SpanId", "Array(String)"),
+    Column("Links.TraceState", "Array(String)"),
+    Column("Links.Attributes", "Array(Map(LowCardinality(String), String))"),
+]
+
+ENCRYPTED_COLUMNS: dict[str, frozenset[str]] = {
+    "audit_events": frozenset(c.name for c in AUDIT_COLUMNS if c.kind == "encrypted"),
+    "access_log": frozenset(c.name for c in ACCESS_LOG_COLUMNS if c.kind == "encrypted"),
+}
+
+
+def _cols(columns: list[Column]) -> str:
+    out = []
+    for c in columns:
+        name = f"`{c.name}`"
+        comment = f" COMMENT '{c.comment}'" if c.comment else ""
+        out.append(f"    {name} {c.type}{comment}")
+    return ",\n".join(out)
+
+
+_MERGE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
+
+
+def migration_statements(db: str) -> list[str]:
+    """Idempotent DDL that brings database ``db`` to SCHEMA_VERSION."""
+    if not db.replace("_", "").isalnum():
+        raise ValueError("database name must be alphanumeric")
+    return [
+        f"CREATE DATABASE IF NOT EXISTS `{db}`",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.audit_events (
+{_cols(AUDIT_COLUMNS)},
+    INDEX idx_patient patient_bidx TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_actor actor_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (writer_id, seq)
+{_MERGE_SETTINGS}
+COMMENT 'PHI audit events: append-only, encrypted PHI, hash-chained per writer, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.access_log (
+{_cols(ACCESS_LOG_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (writer_id, seq)
+{_MERGE_SETTINGS}
+COMMENT 'every read of the audit trail through phiaudit: append-only, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.otel_traces (
+{_cols(TRACE_COLUMNS)},
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1
+) ENGINE = MergeTree
+PARTITION BY toDate(Timestamp)
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
+{_MERGE_SETTINGS}""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.otel_traces_trace_id_ts (
+    TraceId String,
+    Start DateTime,
+    End DateTime,
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = MergeTree
+PARTITION BY toDate(Start)
+ORDER BY (TraceId, Start)""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.otel_traces_trace_id_ts_mv
+TO `{db}`.otel_traces_trace_id_ts AS
+SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
+FROM `{db}`.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
+    version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
+) ENGINE = MergeTree ORDER BY version""",
+    ]

@@ -1,0 +1,244 @@
+"""The ClickHouse store: embedded (chDB in process) or a server, through clickhouse-connect.
+
+Embedded mode opens the engine twice, in two processes, never at once:
+
+1. ``migrate()`` runs the schema migrations in a short-lived child process whose engine has the
+   default (administrator) configuration;
+2. ``Store.open()`` then opens the engine in this process with a restricted ``users_config``:
+   the only user may SELECT and INSERT on the phiaudit database, and nothing else. Every
+   ALTER ... DELETE/UPDATE, DELETE FROM, TRUNCATE, DROP, OPTIMIZE, RENAME, DETACH and every
+   file/url table function is refused by ClickHouse itself (ACCESS_DENIED).
+
+One engine per process and per data directory (FACTS.md): the service owns it; other
+processes go through the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ._errors import ConfigError, PermanentError, StorageUnavailable
+from ._schema import migration_statements
+
+__all__ = ["StoreLocation", "Store", "migrate"]
+
+_log = logging.getLogger("phiaudit.storage")
+
+_USERS_XML = """<clickhouse>
+  <profiles>
+    <service>
+      <max_table_size_to_drop><const/>0</max_table_size_to_drop>
+      <max_partition_size_to_drop><const/>0</max_partition_size_to_drop>
+      <allow_ddl><const/>0</allow_ddl>
+    </service>
+  </profiles>
+  <users>
+    <default>
+      <password></password>
+      <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
+      <profile>service</profile>
+      <quota>default</quota>
+      <access_management>0</access_management>
+      <grants>
+        <query>GRANT SELECT, INSERT ON {db}.*</query>
+      </grants>
+    </default>
+  </users>
+  <quotas><default></default></quotas>
+</clickhouse>
+"""
+
+_CONFIG_XML = """<clickhouse>
+  <users_config>{users}</users_config>
+  <logger><level>error</level><console>0</console></logger>
+</clickhouse>
+"""
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where the data lives: an embedded data directory or a ClickHouse server URL."""
+
+    data_dir: Path | None = None
+    url: str | None = None
+    database: str = "phiaudit"
+
+    def __repr__(self) -> str:
+        return f"StoreLocation(data_dir={self.data_dir!r}, url={_redact_url(self.url)!r})"
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+
+def _redact_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":[REDACTED]@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _map_error(exc: BaseException, what: str) -> Exception:
+    """ClickHouse errors at the boundary: never pass server text through (it may echo data)."""
+    text = str(exc)
+    code = ""
+    if "Code: " in text:
+        code = text.split("Code: ", 1)[1].split(".", 1)[0].strip()
+    name = ""
+    if "(" in text and text.rstrip().endswith(")"):
+        name = text.rstrip().rsplit("(", 1)[1].rstrip(")").strip()
+    label = f"ClickHouse error {code} {name}".strip() if code else type(exc).__name__
+    permanent_codes = {"62", "47", "60", "46", "43", "53", "36", "497", "164", "16", "27", "6"}
+    if code in permanent_codes:
+        return PermanentError(f"{what}: {label}")
+    return StorageUnavailable(f"{what}: {label}")
+
+
+def migrate(location: StoreLocation) -> None:
+    """Create or upgrade the schema. Embedded: in a child process with the admin engine."""
+    if location.embedded:
+        assert location.data_dir is not None
+        proc = subprocess.run(  # noqa: S603 - our own interpreter and module, no shell
+            [sys.executable, "-m", "phiaudit.storage._migrate", str(location.data_dir),
+             location.database],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise StorageUnavailable(f"schema migration failed: {last[:300]}")
+        return
+    client = _server_client(location)
+    for stmt in migration_statements(location.database):
+        client.command(stmt)
+
+
+def _server_client(location: StoreLocation) -> Any:
+    import clickhouse_connect
+
+    assert location.url is not None
+    parts = urlsplit(location.url)
+    if parts.scheme not in ("https", "http"):
+        raise ConfigError("clickhouse: the URL must be https://user:pass@host:port/database")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("clickhouse: plain http is allowed only on loopback; use https")
+    db = parts.path.strip("/") or location.database
+    try:
+        return clickhouse_connect.get_client(
+            host=parts.hostname, port=parts.port or (8443 if parts.scheme == "https" else 8123),
+            username=unquote(parts.username or "default"), password=unquote(parts.password or ""),
+            database=db, secure=parts.scheme == "https", verify=True,
+        )
+    except Exception as exc:
+        raise _map_error(exc, "connect") from exc
+
+
+def _write_config(data_dir: Path, database: str) -> Path:
+    cfg_dir = data_dir / "config"
+    cfg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    users = cfg_dir / "users.xml"
+    users.write_text(_USERS_XML.format(db=database))
+    config = cfg_dir / "config.xml"
+    config.write_text(_CONFIG_XML.format(users=users))
+    return config
+
+
+class Store:
+    """A connection that may only INSERT and SELECT. Thread-safe: calls are serialized."""
+
+    def __init__(self, client: Any, location: StoreLocation) -> None:
+        self._client = client
+        self.location = location
+        self.database = location.database
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, location: StoreLocation) -> Store:
+        if location.embedded:
+            import clickhouse_connect
+
+            assert location.data_dir is not None
+            data_dir = Path(location.data_dir).resolve()
+            config = _write_config(data_dir, location.database)
+            try:
+                client = clickhouse_connect.get_client(
+                    dsn=f"chdb://{data_dir / 'clickhouse'}",
+                    chdb_options={"config-file": str(config)},
+                    database=location.database,
+                )
+            except Exception as exc:
+                raise _map_error(exc, "open the embedded store") from exc
+            return cls(client, location)
+        return cls(_server_client(location), location)
+
+    def insert(
+        self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]], token: str,
+    ) -> None:
+        """Insert column-oriented ``data``; idempotent per ``token`` (deduplication window)."""
+        settings = {"insert_deduplication_token": token, "async_insert": 0}
+        try:
+            with self._lock:
+                self._client.insert(
+                    table, data, column_names=list(columns), column_oriented=True,
+                    database=self.database, settings=settings,
+                )
+        except Exception as exc:
+            raise _map_error(exc, f"insert into {table}") from exc
+
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, *,
+        settings: dict[str, Any] | None = None, binary: bool = False,
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        fmt = {"String": "bytes", "FixedString": "bytes"} if binary else None
+        try:
+            with self._lock:
+                result = self._client.query(
+                    sql, parameters=parameters, settings=settings, query_formats=fmt,
+                )
+        except Exception as exc:
+            raise _map_error(exc, "query") from exc
+        return list(result.column_names), list(result.result_rows)
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        try:
+            with self._lock:
+                return self._client.command(sql, parameters=parameters)
+        except Exception as exc:
+            raise _map_error(exc, "statement") from exc
+
+    def chain_head(self, table: str, writer_id: str) -> tuple[int, bytes]:
+        """The last committed (seq, hash) of ``writer_id`` in ``table``; (0, zeros) if none."""
+        _, rows = self.query(
+            f"SELECT seq, hash FROM {table} WHERE writer_id = {{w:String}} "
+            "ORDER BY seq DESC LIMIT 1",
+            {"w": writer_id}, binary=True,
+        )
+        if not rows:
+            return 0, b"\x00" * 32
+        seq, head = rows[0]
+        return int(seq), bytes(head)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001 - closing must never raise
+            _log.debug("closing the store failed", exc_info=True)
+
+
+def data_dir_from_env(value: str | None) -> Path:
+    return Path(value or os.environ.get("PHIAUDIT_DATA_DIR") or "phiaudit-data")

@@ -86,7 +86,7 @@ ACCESS_LOG_COLUMNS: list[Column] = [
     Column("role", "LowCardinality(String)"),
     Column("interface", "LowCardinality(String)", comment="service | direct"),
     Column("statement", "String", "encrypted", "the query text (may carry PHI)"),
-    Column("statement_sha256", "String", comment="hex digest of the query text"),
+    Column("statement_bidx", "String", comment="blind index of the query text"),
     Column("decrypt", "Bool"),
     Column("rows_returned", "UInt64"),
     Column("outcome", "LowCardinality(String)", comment="ok | denied | error"),
@@ -131,7 +131,8 @@ def _cols(columns: list[Column]) -> str:
     out = []
     for c in columns:
         name = f"`{c.name}`"
-        comment = f" COMMENT '{c.comment}'" if c.comment else ""
+        text = c.comment.replace("\\", "\\\\").replace("'", "\\'")
+        comment = f" COMMENT '{text}'" if c.comment else ""
         out.append(f"    {name} {c.type}{comment}")
     return ",\n".join(out)
 

@@ -35,17 +35,17 @@ _log = logging.getLogger("phiaudit.storage")
 
 _USERS_XML = """<clickhouse>
   <profiles>
-    <service>
+    <default>
       <max_table_size_to_drop><const/>0</max_table_size_to_drop>
       <max_partition_size_to_drop><const/>0</max_partition_size_to_drop>
       <allow_ddl><const/>0</allow_ddl>
-    </service>
+    </default>
   </profiles>
   <users>
     <default>
       <password></password>
-      <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
-      <profile>service</profile>
+      <networks><ip>::/0</ip></networks>
+      <profile>default</profile>
       <quota>default</quota>
       <access_management>0</access_management>
       <grants>
@@ -100,8 +100,10 @@ def _map_error(exc: BaseException, what: str) -> Exception:
     if "(" in text and text.rstrip().endswith(")"):
         name = text.rstrip().rsplit("(", 1)[1].rstrip(")").strip()
     label = f"ClickHouse error {code} {name}".strip() if code else type(exc).__name__
-    permanent_codes = {"62", "47", "60", "46", "43", "53", "36", "497", "164", "16", "27", "6"}
-    if code in permanent_codes:
+    # Transient by nature: time-outs, network, memory, too many parts/queries, disk, keeper.
+    transient = {"159", "209", "210", "241", "202", "252", "243", "425", "1000", "999", "242",
+                 "3", "74", "75", "76", "236", "394"}
+    if code and code not in transient:
         return PermanentError(f"{what}: {label}")
     return StorageUnavailable(f"{what}: {label}")
 

@@ -1,0 +1,160 @@
+"""The audit record model, and its encoding into stored (encrypted) rows.
+
+``AuditEvent`` is the clear-text form of one audit event for one patient, as the receiver
+extracts it. ``RecordEncoder`` turns it into a row of ``audit_events``: PHI fields encrypted
+(AES-256-GCM, bound to the event id and column), blind indexes beside them, the chain columns
+left for the writer to fill.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._crypto import BlindIndex, FieldCipher
+from ._schema import ACCESS_LOG_COLUMNS, AUDIT_COLUMNS
+
+__all__ = ["ACTIONS", "AccessRecord", "AuditEvent", "RecordEncoder"]
+
+#: The actions of the attribute contract (CONTRACT.md section 1).
+ACTIONS = frozenset({
+    "read", "search", "create", "update", "delete", "disclose", "export", "print", "login",
+    "logout", "break_glass",
+})
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """One audit event about one patient (or none), in clear. Times are UTC microseconds."""
+
+    event_id: uuid.UUID
+    event_time_us: int
+    received_time_us: int
+    action: str
+    outcome: str
+    time_source: str = "span"
+    source: str = "span"
+    outcome_reason: str = ""
+    actor_id: str = ""
+    actor_type: str = ""
+    actor_roles: list[str] = field(default_factory=list)
+    service_name: str = ""
+    host_name: str = ""
+    resource_type: str = ""
+    resource_id: str = ""
+    patient_id: str = ""
+    record_count: int = 0
+    query: str = ""
+    purpose: str = ""
+    recipient: str = ""
+    client_address: str = ""
+    user_agent: str = ""
+    device_id: str = ""
+    http_method: str = ""
+    http_route: str = ""
+    http_status: int = 0
+    trace_id: str = ""
+    span_id: str = ""
+    sender: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print PHI
+        return (f"AuditEvent(event_id={self.event_id}, action={self.action!r}, "
+                f"outcome={self.outcome!r}, phi=[REDACTED])")
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """One read (or refused read) of the audit trail."""
+
+    principal: str
+    role: str
+    interface: str
+    statement: str
+    decrypt: bool
+    rows_returned: int
+    outcome: str
+    reason: str = ""
+
+
+def _micros_to_dt(us: int) -> _dt.datetime:
+    return _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC) + _dt.timedelta(microseconds=us)
+
+
+class RecordEncoder:
+    """Encrypts and indexes records into rows in table column order."""
+
+    def __init__(self, cipher: FieldCipher, index: BlindIndex) -> None:
+        self.cipher = cipher
+        self.index = index
+        self._audit_names = [c.name for c in AUDIT_COLUMNS]
+        self._access_names = [c.name for c in ACCESS_LOG_COLUMNS]
+
+    def audit_row(self, ev: AuditEvent) -> list[Any]:
+        enc = self.cipher.encrypt
+        eid = ev.event_id.bytes
+
+        def e(column: str, value: str) -> bytes:
+            return enc(column, eid, value) if value else b""
+
+        resource_key = f"{ev.resource_type}/{ev.resource_id}" if ev.resource_id else ""
+        extra = json.dumps(ev.extra, separators=(",", ":"), default=str) if ev.extra else ""
+        return [
+            ev.event_id,
+            _micros_to_dt(ev.event_time_us),
+            _micros_to_dt(ev.received_time_us),
+            ev.time_source,
+            ev.source,
+            ev.action,
+            ev.outcome,
+            ev.outcome_reason,
+            ev.actor_id,
+            ev.actor_type,
+            ev.actor_roles,
+            ev.service_name,
+            ev.host_name,
+            ev.resource_type,
+            e("resource_id", ev.resource_id),
+            self.index("resource", resource_key),
+            e("patient_id", ev.patient_id),
+            self.index("patient", ev.patient_id),
+            ev.record_count,
+            e("query", ev.query),
+            ev.purpose,
+            e("recipient", ev.recipient),
+            e("client_address", ev.client_address),
+            self.index("client", ev.client_address),
+            ev.user_agent,
+            e("device_id", ev.device_id),
+            ev.http_method,
+            ev.http_route,
+            ev.http_status,
+            ev.trace_id,
+            ev.span_id,
+            ev.sender,
+            e("extra", extra),
+            self.cipher.key_id,
+            "", 0, b"", b"",  # writer_id, seq, prev_hash, hash: filled by the writer
+        ]
+
+    def access_row(self, rec: AccessRecord, now_us: int) -> list[Any]:
+
+        event_id = uuid.uuid4()
+        return [
+            event_id,
+            _micros_to_dt(now_us),
+            rec.principal,
+            rec.role,
+            rec.interface,
+            self.cipher.encrypt("statement", event_id.bytes, rec.statement),
+            self.index("statement", rec.statement),
+            rec.decrypt,
+            rec.rows_returned,
+            rec.outcome,
+            rec.reason,
+            self.cipher.key_id,
+            "", 0, b"", b"",
+        ]

@@ -1,0 +1,284 @@
+"""The batch writer: group commit on a writer thread, acknowledgement only after commit.
+
+Callers ``submit()`` the rows of one request (for one or several tables) with a request key
+and get a ``concurrent.futures.Future`` that completes only when every one of those rows is
+committed to ClickHouse. The writer thread takes everything queued the moment the previous
+insert finishes (up to ``max_rows``), links the chained tables' rows to their writer's hash
+chain, and inserts each table's rows as one block. The flush interval is a maximum wait, not
+a pause.
+
+Exactly once across client retries:
+
+* Each insert carries an ``insert_deduplication_token`` that includes the batch's last chain
+  hash (which covers every row of the batch) or, for unchained tables, a hash of the batch's
+  request keys; a repeated insert of the same block is dropped by ClickHouse.
+* When the store fails, the writer keeps the batch and retries it, unchanged, with the same
+  tokens, until it commits: the chain never forks. Callers waiting on it time out on their own
+  (and answer UNAVAILABLE); a client's retry of the same request (same key) attaches to the
+  pending batch instead of adding rows, and gets OK once it is committed. Recently committed
+  keys are remembered, so a late retry of a committed request adds nothing.
+* Memory is bounded: beyond ``max_queue_rows`` queued rows ``submit`` raises ``Overloaded``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._chain import ChainState, canonical_encoder, link_rows
+from ._errors import PermanentError, StorageUnavailable
+from ._schema import Column
+
+__all__ = ["BatchWriter", "Overloaded", "TableSpec", "WriterStats"]
+
+_log = logging.getLogger("phiaudit.storage.writer")
+
+
+class Overloaded(StorageUnavailable):
+    """The write queue is full: shed load, the client should retry later."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    columns: Sequence[Column]
+    chained: bool
+
+
+@dataclass
+class WriterStats:
+    batches: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    insert_failures: int = 0
+    permanent_failures: int = 0
+    duplicate_requests: int = 0
+    shed_requests: int = 0
+    last_batch_rows: int = 0
+    last_commit_seconds: float = 0.0
+
+
+class _Item:
+    __slots__ = ("future", "key", "nrows", "tables")
+
+    def __init__(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> None:
+        self.key = key
+        self.tables = tables
+        self.nrows = sum(len(r) for r in tables.values())
+        self.future: Future[None] = Future()
+
+
+class BatchWriter:
+    """Single writer thread; thread-safe ``submit``; ``shutdown`` flushes."""
+
+    def __init__(
+        self,
+        store: Any,
+        writer_id: str,
+        tables: Sequence[TableSpec],
+        *,
+        max_rows: int = 10_000,
+        max_wait: float = 0.2,
+        max_queue_rows: int = 500_000,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
+        remember_keys: int = 200_000,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self._store = store
+        self.writer_id = writer_id
+        self._specs = {t.name: t for t in tables}
+        self._encoders = {t.name: canonical_encoder(t.columns) for t in tables if t.chained}
+        self._states: dict[str, ChainState] = {}
+        self._max_rows = max_rows
+        self._max_wait = max_wait
+        self._max_queue_rows = max_queue_rows
+        self._backoff = retry_backoff
+        self._remember = remember_keys
+        self._on_commit = on_commit
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._pending: dict[bytes, _Item] = {}
+        self._committed: OrderedDict[bytes, None] = OrderedDict()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._healthy = True
+        self.stats = WriterStats()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        for spec in self._specs.values():
+            if spec.chained:
+                seq, head = self._store.chain_head(spec.name, self.writer_id)
+                self._states[spec.name] = ChainState(self.writer_id, seq, head)
+        self._thread = threading.Thread(target=self._run, name="phiaudit-writer", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop taking rows, flush what is queued; True when everything was committed."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        return not self._queue
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def chain_state(self, table: str) -> tuple[int, bytes]:
+        st = self._states[table]
+        return st.seq, st.head
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    # -- submitting ----------------------------------------------------------------------
+    def submit(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> Future[None]:
+        """Queue the rows of one request. ``key`` identifies the request across retries."""
+        with self._cond:
+            if self._stopping:
+                raise StorageUnavailable("the writer is shutting down")
+            if key is not None:
+                if key in self._committed:
+                    self.stats.duplicate_requests += 1
+                    done: Future[None] = Future()
+                    done.set_result(None)
+                    return done
+                pending = self._pending.get(key)
+                if pending is not None:
+                    self.stats.duplicate_requests += 1
+                    return pending.future
+            item = _Item(key, tables)
+            if self._queued_rows + item.nrows > self._max_queue_rows and self._queue:
+                self.stats.shed_requests += 1
+                raise Overloaded("write queue full")
+            self._queue.append(item)
+            self._queued_rows += item.nrows
+            if key is not None:
+                self._pending[key] = item
+            self._cond.notify()
+            return item.future
+
+    # -- the writer thread ---------------------------------------------------------------
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self._max_wait
+            batch: list[_Item] = []
+            rows = 0
+            while True:
+                while self._queue and (rows < self._max_rows or not batch):
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    rows += item.nrows
+                # group commit: no pause when there is nothing more to take
+                if rows >= self._max_rows or not self._queue or self._stopping:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+            self._queued_rows -= rows
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._write_with_retry(batch)
+            except Exception:  # noqa: BLE001 - the writer thread must never die
+                _log.exception("writer: unexpected failure; failing the batch")
+                self._finish(batch, StorageUnavailable("internal writer error"))
+
+    def _write_with_retry(self, batch: list[_Item]) -> None:
+        delay = self._backoff[0]
+        while True:
+            try:
+                self._write(batch)
+                self._healthy = True
+                self._finish(batch, None)
+                return
+            except PermanentError:
+                self.stats.permanent_failures += 1
+                if len(batch) > 1:
+                    # find the item that cannot be stored; the others go through
+                    for item in batch:
+                        self._write_with_retry([item])
+                    return
+                _log.error("writer: a request could not be stored (permanent store error)")
+                self._finish(batch, PermanentError("the store rejected the request's rows"))
+                return
+            except StorageUnavailable:
+                self.stats.insert_failures += 1
+                self._healthy = False
+                if self._stopping and delay >= self._backoff[1]:
+                    self._finish(batch, StorageUnavailable("store unavailable at shutdown"))
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+
+    def _write(self, batch: list[_Item]) -> None:
+        started = time.monotonic()
+        new_states: dict[str, tuple[int, bytes]] = {}
+        keys_digest = hashlib.sha256()
+        for item in batch:
+            keys_digest.update(item.key or str(id(item)).encode())
+        for name, spec in self._specs.items():
+            rows = [r for item in batch for r in item.tables.get(name, ())]
+            if not rows:
+                continue
+            if spec.chained:
+                state = self._states[name]
+                first = state.seq + 1
+                seq, head = link_rows(state, spec.columns, rows, self._encoders[name])
+                token = f"{self.writer_id}:{name}:{first}:{head.hex()}"
+                new_states[name] = (seq, head)
+            else:
+                digest = hashlib.sha256(keys_digest.digest() + str(len(rows)).encode())
+                token = f"{self.writer_id}:{name}:{digest.hexdigest()}"
+            columns = [c.name for c in spec.columns]
+            data = [list(col) for col in zip(*rows, strict=True)]
+            self._store.insert(name, columns, data, token)
+            self.stats.rows[name] = self.stats.rows.get(name, 0) + len(rows)
+        for name, (seq, head) in new_states.items():
+            self._states[name].seq = seq
+            self._states[name].head = head
+        self.stats.batches += 1
+        self.stats.last_batch_rows = sum(i.nrows for i in batch)
+        self.stats.last_commit_seconds = time.monotonic() - started
+        if self._on_commit is not None:
+            self._on_commit(self.stats.last_batch_rows)
+
+    def _finish(self, batch: list[_Item], error: BaseException | None) -> None:
+        with self._cond:
+            for item in batch:
+                if item.key is not None:
+                    self._pending.pop(item.key, None)
+                    if error is None:
+                        self._committed[item.key] = None
+                        if len(self._committed) > self._remember:
+                            self._committed.popitem(last=False)
+        for item in batch:
+            if item.future.done():
+                continue
+            if error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(error)

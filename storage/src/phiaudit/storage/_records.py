@@ -8,7 +8,6 @@ left for the writer to fill.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -80,10 +79,6 @@ class AccessRecord:
     reason: str = ""
 
 
-def _micros_to_dt(us: int) -> _dt.datetime:
-    return _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC) + _dt.timedelta(microseconds=us)
-
-
 class RecordEncoder:
     """Encrypts and indexes records into rows in table column order."""
 
@@ -104,8 +99,8 @@ class RecordEncoder:
         extra = json.dumps(ev.extra, separators=(",", ":"), default=str) if ev.extra else ""
         return [
             ev.event_id,
-            _micros_to_dt(ev.event_time_us),
-            _micros_to_dt(ev.received_time_us),
+            ev.event_time_us,
+            ev.received_time_us,
             ev.time_source,
             ev.source,
             ev.action,
@@ -145,7 +140,7 @@ class RecordEncoder:
         event_id = uuid.uuid4()
         return [
             event_id,
-            _micros_to_dt(now_us),
+            now_us,
             rec.principal,
             rec.role,
             rec.interface,

@@ -1,0 +1,278 @@
+"""The export path of PHI audit spans: never dropped silently.
+
+``BatchSpanProcessor`` drops spans without a trace when its queue is full, which an audit
+trail cannot afford. :class:`AuditDelivery` instead:
+
+* takes spans from the application thread into a bounded in-memory queue; if it is full
+  the thread waits at most ``max_block_seconds``, never longer;
+* an *intake* thread hands batches to the *sender* thread, or writes them to the on-disk
+  spool (:mod:`._spool`) when the sender is busy or backing off, so the queue keeps
+  draining at disk speed even while the exporter hangs;
+* the sender exports, and on anything but ``SpanExportResult.SUCCESS`` (or an exception)
+  spools the batch and retries the spool oldest first with exponential backoff until the
+  exporter acknowledges; the spool is replayed by the next run after a restart;
+* only when the spool is at its cap (or the queue stays full past the bound) are spans
+  dropped: they are counted in the ``phiaudit.instrumentation.audit_spans.dropped``
+  counter (label ``reason`` only) and reported in the log at most once per interval,
+  without any PHI.
+
+Nothing here raises into the application.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+
+from opentelemetry import metrics
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from phiaudit.instrumentation._config import DeliveryConfig
+from phiaudit.instrumentation._spool import Spool, SpoolCorrupt
+
+_log = logging.getLogger("phiaudit.instrumentation")
+
+DROPPED_METRIC = "phiaudit.instrumentation.audit_spans.dropped"
+SPOOLED_METRIC = "phiaudit.instrumentation.audit_spans.spooled"
+
+
+class AuditDelivery:
+    """Delivers audit spans to ``exporter``: acknowledged, spooled, or counted as dropped."""
+
+    def __init__(self, exporter: SpanExporter, config: DeliveryConfig | None = None, *,
+                 meter_provider: metrics.MeterProvider | None = None) -> None:  # fmt: skip
+        self.exporter = exporter
+        self.config = config or DeliveryConfig()
+        meter = metrics.get_meter("phiaudit.instrumentation", meter_provider=meter_provider)
+        self._dropped_counter = meter.create_counter(
+            DROPPED_METRIC, unit="{span}", description="PHI audit spans dropped (spool full)"
+        )
+        self._spooled_counter = meter.create_counter(
+            SPOOLED_METRIC, unit="{span}", description="PHI audit spans written to the spool"
+        )
+        self._dropped_total = 0
+        self._unreported: Counter[str] = Counter()
+        self._last_report = 0.0
+        self._export_errors = 0
+        self._stats_lock = threading.Lock()
+        self._stopped = False
+        self._init_runtime()
+        ref = weakref.WeakMethod(self._init_runtime)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+
+    def _init_runtime(self) -> None:
+        cfg = self.config
+        self.spool = Spool(cfg.spool_dir, cfg.spool_max_bytes, fsync=cfg.fsync)
+        self._queue: queue.Queue[ReadableSpan] = queue.Queue(cfg.queue_size)
+        self._handoff: queue.Queue[list[ReadableSpan]] = queue.Queue(1)
+        self._cond = threading.Condition()
+        self._unsettled = 0
+        self._backlog = self.spool.pending() > 0
+        self._next_attempt = 0.0
+        self._delay = cfg.retry_initial_seconds
+        self._stop = threading.Event()
+        self._intake_done = threading.Event()
+        self._intake = threading.Thread(target=self._intake_loop, name="phiaudit-intake",
+                                        daemon=True)  # fmt: skip
+        self._sender = threading.Thread(target=self._sender_loop, name="phiaudit-sender",
+                                        daemon=True)  # fmt: skip
+        self._intake.start()
+        self._sender.start()
+
+    # -- application side ---------------------------------------------------------------------
+    @property
+    def dropped(self) -> int:
+        """Audit spans dropped since start (spool full or queue blocked past the bound)."""
+        return self._dropped_total
+
+    def submit(self, span: ReadableSpan) -> None:
+        """Queue one audit span; waits at most ``max_block_seconds``; never raises."""
+        try:
+            if self._stopped:
+                self._drop(1, "shutdown")
+                return
+            with self._cond:
+                self._unsettled += 1
+            try:
+                self._queue.put(span, timeout=self.config.max_block_seconds)
+            except queue.Full:
+                self._settle(1)
+                self._drop(1, "queue_full")
+        except Exception:  # pragma: no cover - defensive: never raise into the app
+            _log.error("phiaudit: internal error while queueing an audit span", exc_info=False)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Wait until every queued span is acknowledged and the spool is empty."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._cond:
+            while self._unsettled or self._backlog:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self, timeout_millis: int = 30000) -> None:
+        """Flush what is in memory (to the exporter, else to the spool) and stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        deadline = time.monotonic() + timeout_millis / 1000
+        self._intake.join(max(0.0, deadline - time.monotonic()))
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        self.spool.release_claims()
+        self._report(force=True)
+        try:
+            self.exporter.shutdown()
+        except Exception as exc:
+            _log.warning("phiaudit: exporter shutdown failed (%s)", type(exc).__name__)
+
+    # -- intake thread --------------------------------------------------------------------------
+    def _drain(self, first_timeout: float) -> list[ReadableSpan]:
+        batch: list[ReadableSpan] = []
+        try:
+            batch.append(self._queue.get(timeout=first_timeout))
+            while len(batch) < self.config.max_batch:
+                batch.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _intake_loop(self) -> None:
+        try:
+            while True:
+                batch = self._drain(self.config.schedule_delay_seconds)
+                if not batch:
+                    if self._stop.is_set():
+                        return
+                    continue
+                if self._stop.is_set() or not self._due():
+                    self._to_spool(batch)
+                    continue
+                try:
+                    self._handoff.put(batch, timeout=self.config.schedule_delay_seconds)
+                except queue.Full:
+                    self._to_spool(batch)
+        except Exception as exc:  # pragma: no cover - defensive
+            _log.error("phiaudit: intake thread stopped (%s)", type(exc).__name__)
+        finally:
+            self._intake_done.set()
+
+    # -- sender thread --------------------------------------------------------------------------
+    def _due(self) -> bool:
+        return time.monotonic() >= self._next_attempt
+
+    def _sender_loop(self) -> None:
+        while True:
+            try:
+                batch = self._handoff.get(timeout=0.05)
+            except queue.Empty:
+                batch = None
+            try:
+                if batch is not None:
+                    if self._stop.is_set() and not self._due():
+                        self._to_spool(batch)
+                    elif self._export(batch):
+                        self._settle(len(batch))
+                    else:
+                        self._to_spool(batch)
+                    continue
+                if self._intake_done.is_set() and self._handoff.empty():
+                    return
+                if self._backlog and self._due() and not self._stop.is_set():
+                    self._replay_one()
+                self._report()
+            except Exception as exc:  # pragma: no cover - defensive
+                _log.error("phiaudit: sender error (%s)", type(exc).__name__)
+
+    def _export(self, spans: Sequence[ReadableSpan]) -> bool:
+        try:
+            ok = self.exporter.export(spans) is SpanExportResult.SUCCESS
+        except Exception as exc:
+            ok = False
+            self._export_errors += 1
+            if self._export_errors == 1:  # the type only: exporter messages may echo data
+                _log.warning("phiaudit: audit exporter raised %s; retrying", type(exc).__name__)
+        if ok:
+            self._delay = self.config.retry_initial_seconds
+            self._next_attempt = 0.0
+        else:
+            jitter = random.uniform(0.8, 1.2)  # noqa: S311 - backoff jitter, not security
+            self._next_attempt = time.monotonic() + self._delay * jitter
+            self._delay = min(self._delay * 2, self.config.retry_max_seconds)
+        return ok
+
+    def _replay_one(self) -> None:
+        segment = self.spool.claim_oldest()
+        if segment is None:
+            with self._cond:
+                self._backlog = False
+                self._cond.notify_all()
+            return
+        try:
+            spans = self.spool.read(segment)
+        except SpoolCorrupt:
+            self.spool.quarantine(segment)
+            self._drop(1, "corrupt_segment")
+            return
+        except OSError:
+            return  # e.g. vanished: the next round looks again
+        if self._export(spans):
+            self.spool.acknowledge(segment)
+
+    def _to_spool(self, batch: list[ReadableSpan]) -> None:
+        try:
+            stored = self.spool.append(batch)
+            reason = "spool_full"
+        except OSError:
+            stored = False
+            reason = "spool_error"
+        if stored:
+            self._spooled_counter.add(len(batch))
+            with self._cond:
+                self._backlog = True
+        else:
+            self._drop(len(batch), reason)
+        self._settle(len(batch))
+
+    # -- accounting -------------------------------------------------------------------------
+    def _settle(self, n: int) -> None:
+        with self._cond:
+            self._unsettled -= n
+            self._cond.notify_all()
+
+    def _drop(self, n: int, reason: str) -> None:
+        with self._stats_lock:
+            self._dropped_total += n
+            self._unreported[reason] += n
+        try:
+            self._dropped_counter.add(n, {"reason": reason})
+        except Exception:  # pragma: no cover - a broken meter must not break delivery
+            pass
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._stats_lock:
+            if not self._unreported:
+                return
+            if not force and self._last_report and now - self._last_report < (
+                self.config.report_interval_seconds
+            ):
+                return
+            self._last_report = now
+            detail = ", ".join(f"{reason}={n}" for reason, n in sorted(self._unreported.items()))
+            self._unreported.clear()
+        _log.error(
+            "phiaudit: dropped PHI audit spans (%s); total since start %d; spool cap %d bytes",
+            detail, self._dropped_total, self.config.spool_max_bytes,
+        )  # fmt: skip

@@ -1,0 +1,152 @@
+"""The service configuration: typed, with defaults that work out of the box, validated once.
+
+A YAML file (``phiaudit serve --config FILE``) holds the same keys as ``ServiceConfig``;
+command-line flags override it. ``validate()`` reports every error with its key path, and the
+service refuses to start on any. Secrets print as ``[REDACTED]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from phiaudit.storage import ConfigError
+
+__all__ = ["DEFAULT_SENSITIVE_ATTRIBUTES", "ServiceConfig", "load_config"]
+
+#: Removed from otel_traces (besides every phi.* attribute): they often carry PHI in clear.
+DEFAULT_SENSITIVE_ATTRIBUTES = (
+    "url.query", "url.full", "http.url", "http.target", "db.query.text", "db.statement",
+    "db.query.parameter.*", "enduser.id", "user.id", "client.address", "http.client_ip",
+    "net.peer.ip",
+)
+
+
+@dataclass
+class ServiceConfig:
+    listen: str = "127.0.0.1:4317"
+    data_dir: str = ""
+    clickhouse_url: str = ""
+    database: str = "phiaudit"
+    writer_id: str = ""
+    max_message_bytes: int = 16 * 1024 * 1024
+    batch_max_rows: int = 10_000
+    batch_max_wait_ms: int = 200
+    max_queue_rows: int = 500_000
+    ack_timeout_ms: int = 5_000
+    retry_after_ms: int = 1_000
+    sensitive_attributes: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SENSITIVE_ATTRIBUTES))
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "clickhouse_url" and value and "@" in value:
+                value = "[REDACTED]"
+            shown.append(f"{f.name}={value!r}")
+        return "ServiceConfig(" + ", ".join(shown) + ")"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    def validate(self) -> None:
+        errors: list[str] = []
+        host, port = "", -1
+        if ":" not in self.listen:
+            errors.append("listen: expected HOST:PORT")
+        else:
+            host = self.host
+            try:
+                port = self.port
+                if not 0 <= port <= 65535:
+                    raise ValueError
+            except ValueError:
+                errors.append("listen: the port must be a number from 0 to 65535")
+        if host and not _is_loopback(host) and not self.tls:
+            errors.append(f"listen: refusing to listen on non-loopback address {host} without "
+                          "TLS (set tls_cert_file and tls_key_file)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            errors.append("tls_cert_file/tls_key_file: both or neither")
+        for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            value = getattr(self, key)
+            if value and not Path(value).is_file():
+                errors.append(f"{key}: no such file")
+        if self.tls_client_ca_file and not self.tls:
+            errors.append("tls_client_ca_file: mutual TLS needs tls_cert_file and tls_key_file")
+        positive = ("max_message_bytes", "batch_max_rows", "max_queue_rows", "ack_timeout_ms",
+                    "retry_after_ms")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                errors.append(f"{key}: must be a positive integer")
+        if not isinstance(self.batch_max_wait_ms, int) or self.batch_max_wait_ms < 0:
+            errors.append("batch_max_wait_ms: must be an integer >= 0")
+        if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:
+            errors.append("max_message_bytes: at most 1 GiB")
+        if not self.database.replace("_", "").isalnum():
+            errors.append("database: letters, digits and _ only")
+        if not isinstance(self.sensitive_attributes, list) or not all(
+                isinstance(a, str) for a in self.sensitive_attributes):
+            errors.append("sensitive_attributes: must be a list of attribute names")
+        if self.clickhouse_url and not self.clickhouse_url.startswith(("https://", "http://")):
+            errors.append("clickhouse_url: must be https://user:pass@host:port/database")
+        if errors:
+            raise ConfigError(errors)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> ServiceConfig:
+    """Defaults, then the YAML file, then environment, then command-line overrides."""
+    values: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path} ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {path} is not valid YAML") from exc
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError("config: the file must hold a mapping of keys")
+        values.update(doc)
+    env_map = {"PHIAUDIT_DATA_DIR": "data_dir", "PHIAUDIT_CLICKHOUSE_URL": "clickhouse_url"}
+    for env, key in env_map.items():
+        if os.environ.get(env) and key not in values:
+            values[key] = os.environ[env]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(ServiceConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError([f"{k}: unknown key" for k in unknown])
+    cfg = ServiceConfig(**values)
+    if not cfg.data_dir:
+        cfg.data_dir = "phiaudit-data"
+    cfg.validate()
+    return cfg

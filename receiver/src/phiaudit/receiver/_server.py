@@ -1,0 +1,199 @@
+"""The gRPC surface: OTLP TraceService and LogsService, and the phiaudit query service.
+
+Handlers take the raw request bytes (identity deserializer) so that a malformed message is
+answered INVALID_ARGUMENT by us, with a counter, and so that the request's digest identifies
+it across client retries. A request is answered OK only after every row it produced is
+committed; when the store is failing or the queue is full the answer is UNAVAILABLE with
+RetryInfo, in the trailer (``google.rpc.retryinfo-bin``, read by the Python exporter) and in
+the status details (``grpc-status-details-bin``, read by the Go exporter). ``partial_success``
+is never used: it would tell the client to drop data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from phiaudit.storage import (
+    AccessDenied,
+    Overloaded,
+    PermanentError,
+    PhiAuditError,
+    StorageUnavailable,
+)
+
+if TYPE_CHECKING:
+    from ._service import Service
+
+__all__ = ["build_handlers"]
+
+_log = logging.getLogger("phiaudit.receiver")
+
+_TRACE_RESPONSE = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+_LOGS_RESPONSE = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def _retry_metadata(message: str, delay_ms: int) -> tuple[tuple[str, bytes], ...]:
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=delay_ms // 1000,
+                                          nanos=(delay_ms % 1000) * 1_000_000))
+    detail = AnyProto()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail])
+    return (
+        ("google.rpc.retryinfo-bin", info.SerializeToString()),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    )
+
+
+class _Otlp:
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+
+    def _sender(self, context: grpc.aio.ServicerContext) -> str:
+        auth = context.auth_context()
+        names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name")
+        if names:
+            return "mtls:" + names[0].decode(errors="replace")
+        return "anonymous"
+
+    async def _unavailable(self, context: grpc.aio.ServicerContext, message: str) -> None:
+        self.svc.metrics.inc("export_unavailable")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, message,
+                            trailing_metadata=_retry_metadata(message,
+                                                              self.svc.config.retry_after_ms))
+
+    async def _export(self, raw: bytes, context: grpc.aio.ServicerContext, signal: str) -> None:
+        svc = self.svc
+        svc.metrics.inc(f"{signal}_requests")
+        if not raw:
+            return
+        if signal == "traces":
+            message_type: Any = trace_service_pb2.ExportTraceServiceRequest
+        else:
+            message_type = logs_service_pb2.ExportLogsServiceRequest
+        try:
+            request = message_type.FromString(raw)
+        except (DecodeError, RuntimeError, ValueError):
+            svc.metrics.inc(f"{signal}_malformed")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "malformed OTLP request: not a valid protobuf message")
+        sender = self._sender(context)
+        try:
+            if signal == "traces":
+                extracted = svc.extractor.traces(request, sender)
+            else:
+                extracted = svc.extractor.logs(request, sender)
+            audit_rows = [svc.encoder.audit_row(ev) for ev in extracted.audit]
+        except Exception:  # noqa: BLE001 - never crash on input; never echo it either
+            svc.metrics.inc(f"{signal}_extract_errors")
+            _log.exception("could not process an OTLP %s request (contents not logged)", signal)
+            await context.abort(grpc.StatusCode.INTERNAL, "could not process the request")
+        for name, value in extracted.stats.__dict__.items():
+            svc.metrics.inc(name, value)
+        tables: dict[str, list[list[Any]]] = {}
+        if audit_rows:
+            tables["audit_events"] = audit_rows
+        if extracted.traces:
+            tables["otel_traces"] = extracted.traces
+        if not tables:
+            return
+        key = hashlib.sha256(signal.encode() + b"|" + raw).digest()
+        try:
+            future = svc.writer.submit(key, tables)
+        except Overloaded:
+            svc.metrics.inc("export_shed")
+            await self._unavailable(context, "overloaded: retry later")
+        except StorageUnavailable:
+            await self._unavailable(context, "the audit store is unavailable: retry later")
+        wait = svc.config.ack_timeout_ms / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.05, min(wait, remaining - 0.25))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=wait)
+        except TimeoutError:
+            await self._unavailable(context, "not yet committed: retry later")
+        except StorageUnavailable:
+            await self._unavailable(context, "the audit store is unavailable: retry later")
+        except PermanentError:
+            svc.metrics.inc("export_rejected")
+            await context.abort(grpc.StatusCode.INTERNAL, "the store rejected the data")
+        svc.metrics.inc(f"{signal}_acknowledged")
+
+    async def traces(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._export(raw, context, "traces")
+        return _TRACE_RESPONSE
+
+    async def logs(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._export(raw, context, "logs")
+        return _LOGS_RESPONSE
+
+
+class _Query:
+    """``phiaudit.v1.Query/Sql``: JSON in, JSON out; the credential in ``authorization``."""
+
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+
+    async def sql(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[7:]
+        try:
+            req = json.loads(raw or b"{}")
+            sql = str(req["sql"])
+            decrypt = bool(req.get("decrypt", False))
+        except (ValueError, KeyError, TypeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected {\"sql\": ...}")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                None, lambda: self.svc.gateway.run(token, sql, decrypt=decrypt))
+        except AccessDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except PermanentError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PhiAuditError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return json.dumps({"columns": result.columns, "rows": result.rows},
+                          default=str).encode()
+
+    async def metrics(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        snap = self.svc.metrics.snapshot()
+        snap["queued_rows"] = self.svc.writer.queued_rows
+        return json.dumps(snap).encode()
+
+
+def build_handlers(service: Service) -> list[grpc.GenericRpcHandler]:
+    otlp = _Otlp(service)
+    query = _Query(service)
+
+    def unary(fn: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=_identity, response_serializer=_identity)
+
+    return [
+        grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": unary(otlp.traces)}),
+        grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.logs.v1.LogsService", {"Export": unary(otlp.logs)}),
+        grpc.method_handlers_generic_handler(
+            "phiaudit.v1.Query", {"Sql": unary(query.sql), "Metrics": unary(query.metrics)}),
+    ]

@@ -1,0 +1,203 @@
+"""The service: wiring and lifecycle, collector-style.
+
+Start order: keys and credentials, schema migration, the store, the writer (exporter side),
+then the gRPC server (receiver side) last. Stop in reverse: the server stops taking requests
+and drains the ones in flight, the writer flushes, the store closes. ``stop()`` is idempotent
+and safe before ``start()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from phiaudit.storage import (
+    ACCESS_LOG_COLUMNS,
+    AUDIT_COLUMNS,
+    TRACE_COLUMNS,
+    AccessRecord,
+    BatchWriter,
+    BlindIndex,
+    Credentials,
+    FieldCipher,
+    KeyRing,
+    QueryGateway,
+    RecordEncoder,
+    Store,
+    StoreLocation,
+    TableSpec,
+    migrate,
+)
+
+from ._config import ServiceConfig
+from ._extract import Extractor
+from ._metrics import Metrics
+from ._server import build_handlers
+
+__all__ = ["Service", "open_local", "run_service", "writer_identity"]
+
+_log = logging.getLogger("phiaudit.service")
+
+TABLES = (
+    TableSpec("audit_events", AUDIT_COLUMNS, chained=True),
+    TableSpec("otel_traces", TRACE_COLUMNS, chained=False),
+    TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True),
+)
+
+
+def writer_identity(data_dir: Path, configured: str = "") -> str:
+    """The writer id of this data directory: configured, or created once and kept."""
+    if configured:
+        return configured
+    path = data_dir / "writer_id"
+    if path.exists():
+        return path.read_text().strip()
+    wid = f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+    path.write_text(wid + "\n")
+    return wid
+
+
+class _Local:
+    """Keys, credentials, store, writer and gateway over one data directory."""
+
+    def __init__(self, config: ServiceConfig, *, writer_suffix: str = "",
+                 store_factory: Any = None) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)
+        self.keys = KeyRing.open(self.data_dir)
+        self.encoder = RecordEncoder(FieldCipher(self.keys), BlindIndex(self.keys))
+        self.credentials = Credentials(self.data_dir)
+        self.admin_token_file = self.credentials.ensure_admin()
+        self.location = StoreLocation(
+            data_dir=None if config.clickhouse_url else self.data_dir,
+            url=config.clickhouse_url or None, database=config.database)
+        migrate(self.location)
+        store = Store.open(self.location)
+        self.store = store_factory(store) if store_factory else store
+        self.writer_id = writer_identity(self.data_dir, config.writer_id) + writer_suffix
+        self.writer = BatchWriter(
+            self.store, self.writer_id, TABLES, max_rows=config.batch_max_rows,
+            max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows)
+        self.writer.start()
+        self.gateway = QueryGateway(self.store, self.encoder, self.credentials,
+                                    self._record_access)
+
+    def _record_access(self, rec: AccessRecord) -> None:
+        row = self.encoder.access_row(rec, time.time_ns() // 1000)
+        # fail closed: no result leaves before its access record is committed
+        self.writer.submit(None, {"access_log": [row]}).result(timeout=60)
+
+    def close(self) -> None:
+        self.writer.shutdown()
+        self.store.close()
+
+
+def open_local(config: ServiceConfig) -> _Local:
+    """Open a data directory directly (no service running): for the command line."""
+    return _Local(config, writer_suffix="/cli")
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, *, store_factory: Any = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.extractor = Extractor(config.sensitive_attributes)
+        self._store_factory = store_factory
+        self._local: _Local | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = False
+        self.port = 0
+
+    # components the handlers use
+    @property
+    def writer(self) -> BatchWriter:
+        assert self._local is not None
+        return self._local.writer
+
+    @property
+    def encoder(self) -> RecordEncoder:
+        assert self._local is not None
+        return self._local.encoder
+
+    @property
+    def gateway(self) -> QueryGateway:
+        assert self._local is not None
+        return self._local.gateway
+
+    @property
+    def run_file(self) -> Path:
+        return Path(self.config.data_dir).resolve() / "run" / "service.json"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._local = local = _Local(cfg, store_factory=self._store_factory)
+        if local.admin_token_file:
+            _log.warning("created the initial security credential in %s (mode 0600)",
+                         local.admin_token_file)
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options, handlers=build_handlers(self))
+        if cfg.tls:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key_file).read_bytes(), Path(cfg.tls_cert_file).read_bytes())],
+                root_certificates=(Path(cfg.tls_client_ca_file).read_bytes()
+                                   if cfg.tls_client_ca_file else None),
+                require_client_auth=bool(cfg.tls_client_ca_file))
+            self.port = server.add_secure_port(cfg.listen, creds)
+        else:
+            self.port = server.add_insecure_port(cfg.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        self._server = server
+        self.run_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run_file.write_text(json.dumps({
+            "pid": os.getpid(), "address": f"{cfg.host}:{self.port}", "tls": cfg.tls}))
+        _log.info("listening on %s:%d (%s), writer %s", cfg.host, self.port,
+                  "TLS" if cfg.tls else "plaintext, loopback only", local.writer_id)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._local is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._local.close)
+            stats = self._local.writer.stats
+            _log.info("stopped: %d batches, rows %s", stats.batches, stats.rows)
+        try:
+            self.run_file.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def _serve(config: ServiceConfig, ready_fd: int | None = None) -> None:
+    service = Service(config)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"phiaudit: serving OTLP on {config.host}:{service.port}", flush=True)
+    await stop.wait()
+    await service.stop()
+
+
+def run_service(config: ServiceConfig) -> None:
+    asyncio.run(_serve(config))

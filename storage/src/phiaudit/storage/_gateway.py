@@ -34,6 +34,7 @@ _STRINGS = re.compile(r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.
 _COMMENTS = re.compile(r"--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
 _BIDX = re.compile(
     r"blind_index\s*\(\s*'(patient|resource|client)'\s*,\s*'((?:[^'\\]|\\.|'')*)'\s*\)", re.I)
+_HEX_COLUMNS = frozenset({"hash", "prev_hash"})
 _FORBIDDEN = re.compile(r"\b(OUTFILE|INFILE)\b", re.I)
 
 
@@ -143,6 +144,7 @@ class QueryGateway:
         columns, rows = self._store.query(statement, settings=settings, binary=True)
         enc_positions = [i for i, c in enumerate(columns) if c in _ENCRYPTED]
         id_pos = columns.index("event_id") if "event_id" in columns else None
+        hex_positions = [i for i, c in enumerate(columns) if c in _HEX_COLUMNS]
         out: list[list[Any]] = []
         for row in rows:
             values = list(row)
@@ -161,5 +163,8 @@ class QueryGateway:
                         self.integrity_failures += 1
                 else:
                     values[i] = ("enc:" + base64.b64encode(blob).decode()) if blob else ""
+            for i in hex_positions:
+                if isinstance(values[i], bytes | bytearray):
+                    values[i] = bytes(values[i]).hex()
             out.append([_render(v) for v in values])
         return QueryResult(columns, out)

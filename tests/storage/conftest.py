@@ -1,0 +1,40 @@
+"""A session-wide embedded store in the test process (one chDB engine per process), opened
+exactly as the service opens it: migrations by the admin engine in a child process, then the
+restricted engine here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phiaudit.storage import (
+    BlindIndex,
+    FieldCipher,
+    KeyRing,
+    RecordEncoder,
+    Store,
+    StoreLocation,
+    migrate,
+)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store") / "data"
+
+
+@pytest.fixture(scope="session")
+def store(data_dir: Path) -> Iterator[Store]:
+    loc = StoreLocation(data_dir=data_dir)
+    migrate(loc)
+    s = Store.open(loc)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def encoder(data_dir: Path) -> RecordEncoder:
+    ring = KeyRing.open(data_dir)
+    return RecordEncoder(FieldCipher(ring), BlindIndex(ring))

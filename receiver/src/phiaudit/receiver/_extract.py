@@ -35,6 +35,7 @@ _FAILURE = {"failure", "fail", "failed", "error", "denied", "false"}
 _KINDS = ["Unspecified", "Internal", "Server", "Client", "Producer", "Consumer"]
 _STATUS = ["Unset", "Ok", "Error"]
 _MAX_PATIENTS = 10_000  # one span may fan out to at most this many rows; the rest is counted
+_MAX_NS = (1 << 63) - 1  # DateTime64(9) is a signed 64-bit count of ns: clamp, never reject
 
 # Attributes the contract maps to columns. Everything else of an audit span goes to `extra`.
 _MAPPED = frozenset({
@@ -180,10 +181,11 @@ class Extractor:
         kind = span.kind if 0 <= span.kind < len(_KINDS) else 0
         code = span.status.code if 0 <= span.status.code < len(_STATUS) else 0
         return [
-            start, _hex(span.trace_id), _hex(span.span_id), _hex(span.parent_span_id),
+            min(start, _MAX_NS), _hex(span.trace_id), _hex(span.span_id),
+            _hex(span.parent_span_id),
             span.trace_state, span.name, _KINDS[kind], service, res_map, scope.name,
             scope.version, attrs, max(0, end - start), _STATUS[code], span.status.message,
-            [e.time_unix_nano for e in events], [e.name for e in events],
+            [min(e.time_unix_nano, _MAX_NS) for e in events], [e.name for e in events],
             [self._clean_map(_attrs(e.attributes)) for e in events],
             [_hex(link.trace_id) for link in span.links],
             [_hex(link.span_id) for link in span.links],

@@ -16,6 +16,8 @@ from typing import Any
 from ._crypto import BlindIndex, FieldCipher
 from ._schema import ACCESS_LOG_COLUMNS, AUDIT_COLUMNS
 
+_json = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
+
 __all__ = ["ACTIONS", "AccessRecord", "AuditEvent", "RecordEncoder"]
 
 #: The actions of the attribute contract (CONTRACT.md section 1).
@@ -96,7 +98,7 @@ class RecordEncoder:
             return enc(column, eid, value) if value else b""
 
         resource_key = f"{ev.resource_type}/{ev.resource_id}" if ev.resource_id else ""
-        extra = json.dumps(ev.extra, separators=(",", ":"), default=str) if ev.extra else ""
+        extra = _json(ev.extra) if ev.extra else ""
         return [
             ev.event_id,
             ev.event_time_us,

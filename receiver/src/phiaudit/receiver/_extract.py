@@ -26,7 +26,7 @@ from typing import Any
 
 from phiaudit.storage import ACTIONS, AuditEvent
 
-__all__ = ["Extracted", "Extractor", "ExtractStats"]
+__all__ = ["ExtractStats", "Extracted", "Extractor"]
 
 _MIN_TIME_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z
 _FUTURE_SLACK_US = 24 * 3600 * 1_000_000
@@ -291,7 +291,9 @@ class Extractor:
         count_raw = get("phi.record.count", 0)
         try:
             record_count = max(0, int(count_raw))
-        except (TypeError, ValueError):
+            if record_count >= 1 << 64:  # UInt64: a larger value would wedge the writer
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
             st.bad_attribute_types += 1
             extra["phi.record.count"] = count_raw
             record_count = 0
@@ -305,7 +307,7 @@ class Extractor:
         status_raw = get("http.response.status_code", get("http.status_code", 0))
         try:
             http_status = int(status_raw) if 0 <= int(status_raw) < 1000 else 0
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             st.bad_attribute_types += 1
             http_status = 0
         actor = _text(get("enduser.id", get("user.id", "")))

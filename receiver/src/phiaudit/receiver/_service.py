@@ -9,6 +9,7 @@ and safe before ``start()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -181,10 +182,8 @@ class Service:
             await asyncio.get_running_loop().run_in_executor(None, self._local.close)
             stats = self._local.writer.stats
             _log.info("stopped: %d batches, rows %s", stats.batches, stats.rows)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.run_file.unlink()
-        except FileNotFoundError:
-            pass
 
 
 async def _serve(config: ServiceConfig, ready_fd: int | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-ENV_TOKEN = "PHIAUDIT_TOKEN"
+ENV_TOKEN = "PHIAUDIT_TOKEN"  # noqa: S105 - the variable's name, not a secret
 ENV_DATA_DIR = "PHIAUDIT_DATA_DIR"
 ENV_CLICKHOUSE_URL = "PHIAUDIT_CLICKHOUSE_URL"
 
@@ -179,8 +179,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
         args = _parser().parse_args(argv)

@@ -272,7 +272,9 @@ class FieldCipher:
         return self._key_id
 
     def encrypt(self, column: str, event_id: bytes, plaintext: str | bytes) -> bytes:
-        data = plaintext.encode("utf-8", "surrogatepass") if isinstance(plaintext, str) else plaintext
+        if isinstance(plaintext, str):
+            plaintext = plaintext.encode("utf-8", "surrogatepass")
+        data = plaintext
         nonce = self._nonce()
         aad = _AAD_PREFIX + column.encode() + b"|" + event_id
         return (

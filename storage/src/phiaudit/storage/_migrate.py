@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except Exception as exc:  # noqa: BLE001 - one line for the parent, no traceback
+    except Exception as exc:
         code = str(exc).split("\n", 1)[0][:200]
         print(f"migration error: {type(exc).__name__}: {code}", file=sys.stderr)
         sys.exit(1)

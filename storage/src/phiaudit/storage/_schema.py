@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "AUDIT_COLUMNS",
     "ACCESS_LOG_COLUMNS",
+    "AUDIT_COLUMNS",
     "ENCRYPTED_COLUMNS",
     "SCHEMA_VERSION",
     "TRACE_COLUMNS",

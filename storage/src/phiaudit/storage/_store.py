@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 from ._errors import ConfigError, PermanentError, StorageUnavailable
 from ._schema import migration_statements
 
-__all__ = ["StoreLocation", "Store", "migrate"]
+__all__ = ["Store", "StoreLocation", "migrate"]
 
 _log = logging.getLogger("phiaudit.storage")
 
@@ -238,7 +238,7 @@ class Store:
         self._closed = True
         try:
             self._client.close()
-        except Exception:  # noqa: BLE001 - closing must never raise
+        except Exception:
             _log.debug("closing the store failed", exc_info=True)
 
 

@@ -203,7 +203,7 @@ class BatchWriter:
                 return
             try:
                 self._write_with_retry(batch)
-            except Exception:  # noqa: BLE001 - the writer thread must never die
+            except Exception:
                 _log.exception("writer: unexpected failure; failing the batch")
                 self._finish(batch, StorageUnavailable("internal writer error"))
 

@@ -98,12 +98,20 @@ def _patients(value: Patients) -> AttributeValue | None:
 
 
 def audit_attributes(
-    action: Action | str, *, resource_type: str | None = None, resource_id: str | None = None,
-    patients: Patients = None, record_count: int | None = None, purpose: str | None = None,
-    query: str | None = None, recipient: str | None = None, user_id: str | None = None,
-    actor_type: ActorType | str | None = None, device_id: str | None = None,
+    action: Action | str,
+    *,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    patients: Patients = None,
+    record_count: int | None = None,
+    purpose: str | None = None,
+    query: str | None = None,
+    recipient: str | None = None,
+    user_id: str | None = None,
+    actor_type: ActorType | str | None = None,
+    device_id: str | None = None,
     outcome: Outcome | str | None = None,
-) -> dict[str, AttributeValue]:  # fmt: skip
+) -> dict[str, AttributeValue]:
     """The ``phi.*`` attributes of one audit event (raises ValueError on an unknown action)."""
     attrs: dict[str, AttributeValue] = {
         PHI_AUDIT_EVENT: True,
@@ -163,11 +171,14 @@ class AuditScope:
     # -- context manager ----------------------------------------------------------------
     def __enter__(self) -> AuditScope:
         try:
-            name = f"phi.{self.attributes[PHI_AUDIT_ACTION]}"
+            name = f"phi.{self.attributes[PHI_AUDIT_ACTION]!s}"
             if PHI_RESOURCE_TYPE in self.attributes:
-                name += f" {self.attributes[PHI_RESOURCE_TYPE]}"
+                name += f" {self.attributes[PHI_RESOURCE_TYPE]!s}"
             self._cm = _tracer().start_as_current_span(
-                name, attributes=self.attributes, record_exception=False, set_status_on_exception=False
+                name,
+                attributes=self.attributes,
+                record_exception=False,
+                set_status_on_exception=False,
             )
             self._span = self._cm.__enter__()
         except Exception as exc:
@@ -175,8 +186,12 @@ class AuditScope:
             self._cm = self._span = None
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if self._span is not None:
                 if PHI_AUDIT_OUTCOME not in self.attributes:
@@ -219,39 +234,66 @@ def _scope(action: Action | str, patient_arg: str | None, **fields: Any) -> Audi
     try:
         return AuditScope(audit_attributes(action, **fields), patient_arg)
     except (ValueError, TypeError) as exc:
-        _log.error("phiaudit: invalid audit call (%s); recorded as action only",
-                   type(exc).__name__)  # fmt: skip
+        _log.error("phiaudit: invalid audit call (%s); recorded as action only", type(exc).__name__)
         return AuditScope({PHI_AUDIT_EVENT: True, PHI_AUDIT_ACTION: str(action)})
 
 
 def access(
-    action: Action | str, *, resource_type: str | None = None, resource_id: str | None = None,
-    patients: Patients = None, record_count: int | None = None, purpose: str | None = None,
-    query: str | None = None, actor_type: ActorType | str | None = None,
-    device_id: str | None = None, patient_arg: str | None = None,
-) -> AuditScope:  # fmt: skip
+    action: Action | str,
+    *,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    patients: Patients = None,
+    record_count: int | None = None,
+    purpose: str | None = None,
+    query: str | None = None,
+    actor_type: ActorType | str | None = None,
+    device_id: str | None = None,
+    patient_arg: str | None = None,
+) -> AuditScope:
     """An access to PHI, as a context manager or a decorator (``patient_arg`` names the
     decorated function's parameter holding the patient id)."""
-    return _scope(action, patient_arg, resource_type=resource_type, resource_id=resource_id,
-                  patients=patients, record_count=record_count, purpose=purpose, query=query,
-                  actor_type=actor_type, device_id=device_id)  # fmt: skip
+    return _scope(
+        action,
+        patient_arg,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        patients=patients,
+        record_count=record_count,
+        purpose=purpose,
+        query=query,
+        actor_type=actor_type,
+        device_id=device_id,
+    )
 
 
 def disclosure(
-    recipient: str, *, patients: Patients = None, resource_type: str | None = None,
-    resource_id: str | None = None, record_count: int | None = None,
-    purpose: str | None = None, action: Action | str = Action.DISCLOSE,
-) -> AuditScope:  # fmt: skip
+    recipient: str,
+    *,
+    patients: Patients = None,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    record_count: int | None = None,
+    purpose: str | None = None,
+    action: Action | str = Action.DISCLOSE,
+) -> AuditScope:
     """PHI handed to ``recipient`` (accounting of disclosures, HIPAA 164.528); use
     ``action="export"`` for a bulk export."""
-    return _scope(action, None, recipient=recipient, patients=patients,
-                  resource_type=resource_type, resource_id=resource_id,
-                  record_count=record_count, purpose=purpose)  # fmt: skip
+    return _scope(
+        action,
+        None,
+        recipient=recipient,
+        patients=patients,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        record_count=record_count,
+        purpose=purpose,
+    )
 
 
 def _emit(attributes: dict[str, AttributeValue]) -> None:
     try:
-        name = f"phi.{attributes[PHI_AUDIT_ACTION]}"
+        name = f"phi.{attributes[PHI_AUDIT_ACTION]!s}"
         _tracer().start_span(name, attributes=attributes).end()
     except Exception as exc:
         _log.error("phiaudit: audit event not emitted (%s)", type(exc).__name__)
@@ -272,9 +314,14 @@ def record_access(action: Action | str, **fields: Any) -> None:
         _emit(attrs)
 
 
-def annotate(*, patients: Patients = None, record_count: int | None = None,
-             resource_id: str | None = None, purpose: str | None = None,
-             recipient: str | None = None) -> None:  # fmt: skip
+def annotate(
+    *,
+    patients: Patients = None,
+    record_count: int | None = None,
+    resource_id: str | None = None,
+    purpose: str | None = None,
+    recipient: str | None = None,
+) -> None:
     """Add facts to the audit event the current span is (patients are merged)."""
     try:
         span = trace.get_current_span()
@@ -287,8 +334,13 @@ def annotate(*, patients: Patients = None, record_count: int | None = None,
             merged = _patients([*old, *([patients] if isinstance(patients, str) else patients)])
             if merged is not None:
                 attrs[PHI_PATIENT_ID] = merged
-        for key, value in ((PHI_RECORD_COUNT, record_count), (PHI_RESOURCE_ID, resource_id),
-                           (PHI_PURPOSE, purpose), (PHI_DISCLOSURE_RECIPIENT, recipient)):  # fmt: skip
+        pairs = (
+            (PHI_RECORD_COUNT, record_count),
+            (PHI_RESOURCE_ID, resource_id),
+            (PHI_PURPOSE, purpose),
+            (PHI_DISCLOSURE_RECIPIENT, recipient),
+        )
+        for key, value in pairs:
             if value is not None:
                 attrs[key] = value
         span.set_attributes(attrs)
@@ -298,8 +350,14 @@ def annotate(*, patients: Patients = None, record_count: int | None = None,
 
 def login(user_id: str, *, success: bool = True, device_id: str | None = None) -> None:
     """A login attempt (failed ones feed the repeated-failed-login rule)."""
-    _emit(audit_attributes(Action.LOGIN, user_id=str(user_id), device_id=device_id,
-                           outcome=Outcome.SUCCESS if success else Outcome.FAILURE))  # fmt: skip
+    _emit(
+        audit_attributes(
+            Action.LOGIN,
+            user_id=str(user_id),
+            device_id=device_id,
+            outcome=Outcome.SUCCESS if success else Outcome.FAILURE,
+        )
+    )
 
 
 def logout(user_id: str) -> None:
@@ -327,11 +385,20 @@ class _BreakGlass:
         self._cm.__exit__(None, None, None)
 
 
-def break_glass(*, patients: Patients = None, reason: str | None = None,
-                user_id: str | None = None) -> _BreakGlass:  # fmt: skip
+def break_glass(
+    *, patients: Patients = None, reason: str | None = None, user_id: str | None = None
+) -> _BreakGlass:
     """Emergency access: emits a ``break_glass`` event now; the returned context manager,
     if entered, makes ``ETREAT`` the default purpose of the audit calls inside it.
     ``reason`` is recorded in ``phi.query`` (encrypted by the receiver)."""
-    _emit(audit_attributes(Action.BREAK_GLASS, patients=patients, purpose="ETREAT",
-                           query=reason, user_id=user_id, outcome=Outcome.SUCCESS))  # fmt: skip
+    _emit(
+        audit_attributes(
+            Action.BREAK_GLASS,
+            patients=patients,
+            purpose="ETREAT",
+            query=reason,
+            user_id=user_id,
+            outcome=Outcome.SUCCESS,
+        )
+    )
     return _BreakGlass()

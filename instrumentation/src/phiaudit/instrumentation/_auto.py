@@ -67,7 +67,7 @@ def audit_exporter() -> SpanExporter | None:
     return None
 
 
-class PhiAuditConfigurator(_OTelSDKConfigurator):  # type: ignore[misc]  # untyped base
+class PhiAuditConfigurator(_OTelSDKConfigurator):
     """Entry point ``opentelemetry_configurator: phiaudit``."""
 
     def _configure(self, **kwargs: Any) -> None:
@@ -92,7 +92,7 @@ class PhiAuditConfigurator(_OTelSDKConfigurator):  # type: ignore[misc]  # untyp
             return without_phi(BatchSpanProcessor(span_exporter, *a, **kw), classifier)
 
         kwargs.setdefault("export_span_processor", export_processor)
-        super()._configure(**kwargs)
+        super()._configure(**kwargs)  # type: ignore[no-untyped-call]  # untyped in the SDK
         from opentelemetry import trace
 
         _api.set_tracer_provider(trace.get_tracer_provider())

@@ -62,8 +62,12 @@ Attrs = Mapping[str, AttributeValue]
 Tags = dict[str, AttributeValue]
 
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>|\{([^{}:]+)(?::[^{}]*)?\}")
-_METHOD_ACTIONS = {"POST": Action.CREATE, "PUT": Action.UPDATE, "PATCH": Action.UPDATE,
-                   "DELETE": Action.DELETE}  # fmt: skip
+_METHOD_ACTIONS = {
+    "POST": Action.CREATE,
+    "PUT": Action.UPDATE,
+    "PATCH": Action.UPDATE,
+    "DELETE": Action.DELETE,
+}
 
 
 def normalize_template(template: str) -> str:
@@ -136,8 +140,9 @@ class Classifier:
         self._fhir_bases = tuple(b.rstrip("/") for b in self.config.fhir_base_paths)
 
     # -- the decision -----------------------------------------------------------------
-    def classify(self, name: str, kind: SpanKind | None, attrs: Attrs | None, *,
-                 ended: bool = False) -> Tags | None:  # fmt: skip
+    def classify(
+        self, name: str, kind: SpanKind | None, attrs: Attrs | None, *, ended: bool = False
+    ) -> Tags | None:
         """Tags to add to a span (missing keys only), or None when it is not PHI."""
         attrs = attrs or {}
         if attrs.get(PHI_AUDIT_EVENT) is True:
@@ -180,8 +185,9 @@ class Classifier:
         if path is not None:
             for base in self._fhir_bases:
                 if path == base or path.startswith(base + "/"):
-                    tags = classify_fhir(method, path[len(base) :], query,
-                                         self.config.fhir_non_phi_types)  # fmt: skip
+                    tags = classify_fhir(
+                        method, path[len(base) :], query, self.config.fhir_non_phi_types
+                    )
                     if tags is not None:
                         return tags
         for compiled in self._routes:
@@ -198,8 +204,9 @@ class Classifier:
         return None
 
     @staticmethod
-    def _route_tags(compiled: _CompiledRoute, method: str, params: dict[str, str],
-                    query: str | None) -> Tags | None:  # fmt: skip
+    def _route_tags(
+        compiled: _CompiledRoute, method: str, params: dict[str, str], query: str | None
+    ) -> Tags | None:
         rule = compiled.rule
         action = rule.actions.get(method)
         if action is None:
@@ -227,8 +234,8 @@ class Classifier:
     # -- databases -----------------------------------------------------------------------
     def _db(self, name: str, attrs: Attrs) -> Tags | None:
         statement = _str(attrs, DB_QUERY_TEXT, DB_STATEMENT) or ""
-        tables = [t.rsplit(".", 1)[-1].lower()
-                  for t in (_str(attrs, DB_COLLECTION), _str(attrs, DB_SQL_TABLE)) if t]  # fmt: skip
+        declared = (_str(attrs, DB_COLLECTION), _str(attrs, DB_SQL_TABLE))
+        tables = [t.rsplit(".", 1)[-1].lower() for t in declared if t]
         if statement:
             tables.extend(statement_tables(statement))
         phi = [t for t in tables if t in self._tables]

@@ -57,14 +57,35 @@ class ConfigError(InstrumentationError):
 #: FHIR resource types that carry no PHI (conformance, terminology, administration).
 DEFAULT_NON_PHI_FHIR_TYPES: frozenset[str] = frozenset(
     {
-        "metadata", "CapabilityStatement", "StructureDefinition", "ValueSet", "CodeSystem",
-        "ConceptMap", "NamingSystem", "OperationDefinition", "SearchParameter",
-        "CompartmentDefinition", "ImplementationGuide", "TerminologyCapabilities",
-        "Organization", "Location", "Endpoint", "HealthcareService", "Practitioner",
-        "PractitionerRole", "Medication", "Substance", "Questionnaire", "PlanDefinition",
-        "ActivityDefinition", "Library", "Measure", "StructureMap", "GraphDefinition",
+        "metadata",
+        "CapabilityStatement",
+        "StructureDefinition",
+        "ValueSet",
+        "CodeSystem",
+        "ConceptMap",
+        "NamingSystem",
+        "OperationDefinition",
+        "SearchParameter",
+        "CompartmentDefinition",
+        "ImplementationGuide",
+        "TerminologyCapabilities",
+        "Organization",
+        "Location",
+        "Endpoint",
+        "HealthcareService",
+        "Practitioner",
+        "PractitionerRole",
+        "Medication",
+        "Substance",
+        "Questionnaire",
+        "PlanDefinition",
+        "ActivityDefinition",
+        "Library",
+        "Measure",
+        "StructureMap",
+        "GraphDefinition",
     }
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -181,9 +202,12 @@ class InstrumentationConfig:
             if not isinstance(getattr(d, name), int) or getattr(d, name) <= 0:
                 errors.append(f"delivery.{name}: must be a positive integer")
         for name in (
-            "max_block_seconds", "schedule_delay_seconds", "retry_initial_seconds",
-            "retry_max_seconds", "report_interval_seconds",
-        ):  # fmt: skip
+            "max_block_seconds",
+            "schedule_delay_seconds",
+            "retry_initial_seconds",
+            "retry_max_seconds",
+            "report_interval_seconds",
+        ):
             value = getattr(d, name)
             if not isinstance(value, int | float) or value < 0:
                 errors.append(f"delivery.{name}: must be a non-negative number")

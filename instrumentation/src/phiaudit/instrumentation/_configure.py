@@ -87,16 +87,20 @@ def load_config(
         return InstrumentationConfig(), list(exc.errors)
 
 
-def open_delivery(exporter: SpanExporter, config: InstrumentationConfig,
-                  meter_provider: metrics.MeterProvider | None = None) -> AuditDelivery:  # fmt: skip
+def open_delivery(
+    exporter: SpanExporter,
+    config: InstrumentationConfig,
+    meter_provider: metrics.MeterProvider | None = None,
+) -> AuditDelivery:
     """An :class:`AuditDelivery`; if the spool directory is unusable, reports it and falls
     back to a per-user directory under the system temporary directory."""
     try:
         return AuditDelivery(exporter, config.delivery, meter_provider=meter_provider)
     except OSError as exc:
         fallback = os.path.join(tempfile.gettempdir(), f"phiaudit-spool-{os.getuid()}")
-        _log.error("phiaudit: spool directory unusable (%s); using %s",
-                   type(exc).__name__, fallback)  # fmt: skip
+        _log.error(
+            "phiaudit: spool directory unusable (%s); using %s", type(exc).__name__, fallback
+        )
         delivery = replace(config.delivery, spool_dir=fallback)
         return AuditDelivery(exporter, delivery, meter_provider=meter_provider)
 
@@ -125,14 +129,14 @@ def configure(
             provider = TracerProvider(sampler=sampler)
             trace.set_tracer_provider(provider)
     if sampler is None:
-        # The SDK has no public way to change a provider's sampler; tracers created from
-        # now on read this attribute (TracerProvider.sampler returns it).
+        # TracerProvider.sampler is a plain attribute, passed to each tracer it creates:
+        # tracers created from now on use the wrapped sampler.
         existing = provider.sampler
         if isinstance(existing, PhiSampler):
             sampler = existing
         else:
             sampler = PhiSampler(base_sampler or existing, classifier)
-            provider._sampler = sampler  # type: ignore[attr-defined]  # see comment above
+            provider.sampler = sampler
     delivery = open_delivery(exporter, resolved, meter_provider) if exporter else None
     processor = PhiSpanProcessor(classifier, delivery, user_resolver=user_resolver)
     provider.add_span_processor(processor)

@@ -21,6 +21,7 @@ Nothing here raises into the application.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -47,8 +48,13 @@ SPOOLED_METRIC = "phiaudit.instrumentation.audit_spans.spooled"
 class AuditDelivery:
     """Delivers audit spans to ``exporter``: acknowledged, spooled, or counted as dropped."""
 
-    def __init__(self, exporter: SpanExporter, config: DeliveryConfig | None = None, *,
-                 meter_provider: metrics.MeterProvider | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        config: DeliveryConfig | None = None,
+        *,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
         self.exporter = exporter
         self.config = config or DeliveryConfig()
         meter = metrics.get_meter("phiaudit.instrumentation", meter_provider=meter_provider)
@@ -80,10 +86,12 @@ class AuditDelivery:
         self._delay = cfg.retry_initial_seconds
         self._stop = threading.Event()
         self._intake_done = threading.Event()
-        self._intake = threading.Thread(target=self._intake_loop, name="phiaudit-intake",
-                                        daemon=True)  # fmt: skip
-        self._sender = threading.Thread(target=self._sender_loop, name="phiaudit-sender",
-                                        daemon=True)  # fmt: skip
+        self._intake = threading.Thread(
+            target=self._intake_loop, name="phiaudit-intake", daemon=True
+        )
+        self._sender = threading.Thread(
+            target=self._sender_loop, name="phiaudit-sender", daemon=True
+        )
         self._intake.start()
         self._sender.start()
 
@@ -155,7 +163,7 @@ class AuditDelivery:
                     if self._stop.is_set():
                         return
                     continue
-                if self._stop.is_set() or not self._due():
+                if not self._due():  # the sender is backing off: straight to disk
                     self._to_spool(batch)
                     continue
                 try:
@@ -254,10 +262,8 @@ class AuditDelivery:
         with self._stats_lock:
             self._dropped_total += n
             self._unreported[reason] += n
-        try:
+        with contextlib.suppress(Exception):  # a broken meter must not break delivery
             self._dropped_counter.add(n, {"reason": reason})
-        except Exception:  # pragma: no cover - a broken meter must not break delivery
-            pass
         self._report()
 
     def _report(self, force: bool = False) -> None:
@@ -265,8 +271,10 @@ class AuditDelivery:
         with self._stats_lock:
             if not self._unreported:
                 return
-            if not force and self._last_report and now - self._last_report < (
-                self.config.report_interval_seconds
+            if (
+                not force
+                and self._last_report
+                and now - self._last_report < (self.config.report_interval_seconds)
             ):
                 return
             self._last_report = now
@@ -274,5 +282,7 @@ class AuditDelivery:
             self._unreported.clear()
         _log.error(
             "phiaudit: dropped PHI audit spans (%s); total since start %d; spool cap %d bytes",
-            detail, self._dropped_total, self.config.spool_max_bytes,
-        )  # fmt: skip
+            detail,
+            self._dropped_total,
+            self.config.spool_max_bytes,
+        )

@@ -38,11 +38,23 @@ from phiaudit.instrumentation._attributes import (
 )
 
 #: search parameters whose value references the patient
-PATIENT_PARAMS = frozenset({"patient", "subject", "patient:Patient", "subject:Patient",
-                            "beneficiary", "beneficiary:Patient"})  # fmt: skip
+PATIENT_PARAMS = frozenset(
+    {
+        "patient",
+        "subject",
+        "patient:Patient",
+        "subject:Patient",
+        "beneficiary",
+        "beneficiary:Patient",
+    }
+)
 
-_WRITE_ACTIONS = {"POST": Action.CREATE, "PUT": Action.UPDATE, "PATCH": Action.UPDATE,
-                  "DELETE": Action.DELETE}  # fmt: skip
+_WRITE_ACTIONS = {
+    "POST": Action.CREATE,
+    "PUT": Action.UPDATE,
+    "PATCH": Action.UPDATE,
+    "DELETE": Action.DELETE,
+}
 
 
 def _is_type(segment: str) -> bool:
@@ -132,5 +144,5 @@ def classify_fhir(
         return None
     tags[PHI_AUDIT_ACTION] = action.value
     if patients:
-        tags[PHI_PATIENT_ID] = patients[0] if len(patients) == 1 else patients
+        tags[PHI_PATIENT_ID] = patients[0] if len(patients) == 1 else tuple(patients)
     return tags

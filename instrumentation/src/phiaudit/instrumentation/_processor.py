@@ -57,8 +57,12 @@ class _ErrorLog:
         now = time.monotonic()
         if now - self._last >= 60:
             self._last = now
-            _log.error("phiaudit: internal error in %s (%s); %d so far",
-                       where, type(exc).__name__, self.count)  # fmt: skip
+            _log.error(
+                "phiaudit: internal error in %s (%s); %d so far",
+                where,
+                type(exc).__name__,
+                self.count,
+            )
 
 
 class PhiSpanProcessor(SpanProcessor):
@@ -68,8 +72,13 @@ class PhiSpanProcessor(SpanProcessor):
     processors send them (then they must be sampled: use :class:`PhiSampler`).
     """
 
-    def __init__(self, classifier: Classifier | None = None, delivery: AuditDelivery | None = None,
-                 *, user_resolver: UserResolver | None = flask_user) -> None:  # fmt: skip
+    def __init__(
+        self,
+        classifier: Classifier | None = None,
+        delivery: AuditDelivery | None = None,
+        *,
+        user_resolver: UserResolver | None = flask_user,
+    ) -> None:
         self.classifier = classifier or Classifier()
         self.delivery = delivery
         self.user_resolver = user_resolver
@@ -78,8 +87,7 @@ class PhiSpanProcessor(SpanProcessor):
     def is_audit_span(self, span: ReadableSpan) -> bool:
         """True for a span that is, or carries, a PHI audit event."""
         return _has_access_events(span) or (
-            self.classifier.classify(span.name, span.kind, span.attributes, ended=True)
-            is not None
+            self.classifier.classify(span.name, span.kind, span.attributes, ended=True) is not None
         )
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:

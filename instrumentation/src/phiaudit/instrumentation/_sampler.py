@@ -50,8 +50,9 @@ _log = logging.getLogger("phiaudit.instrumentation")
 class PhiSampler(Sampler):
     """Samples every PHI span; delegates the others to ``delegate``."""
 
-    def __init__(self, delegate: Sampler | None = None,
-                 classifier: Classifier | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, delegate: Sampler | None = None, classifier: Classifier | None = None
+    ) -> None:
         self.delegate: Sampler = delegate if delegate is not None else ParentBased(ALWAYS_ON)
         self.classifier = classifier or Classifier()
 
@@ -102,7 +103,7 @@ def classifier_from_env() -> Classifier:
 
 def _ratio(arg: str | float | None) -> float:
     try:
-        return float(arg if arg not in (None, "") else 1.0)  # type: ignore[arg-type]
+        return float(arg if arg not in (None, "") else 1.0)
     except (TypeError, ValueError):
         _log.warning("phiaudit: %s is not a ratio; using 1.0", OTEL_TRACES_SAMPLER_ARG)
         return 1.0

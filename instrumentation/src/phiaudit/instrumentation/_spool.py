@@ -46,8 +46,9 @@ class SpoolCorrupt(Exception):
 class Spool:
     """A size-capped directory of unacknowledged audit span batches."""
 
-    def __init__(self, directory: str | os.PathLike[str], max_bytes: int, *,
-                 fsync: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, directory: str | os.PathLike[str], max_bytes: int, *, fsync: bool = True
+    ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self._fsync = fsync

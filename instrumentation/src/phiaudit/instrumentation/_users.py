@@ -79,8 +79,9 @@ class _TraceIdentities:
 TRACE_IDENTITIES = _TraceIdentities()
 
 
-def identify(user_id: str, *, roles: Iterable[str] = (),
-             actor_type: ActorType | str = ActorType.USER) -> None:  # fmt: skip
+def identify(
+    user_id: str, *, roles: Iterable[str] = (), actor_type: ActorType | str = ActorType.USER
+) -> None:
     """Declare who is acting in the current trace (call it where you authenticate)."""
     try:
         actor = Actor(str(user_id), tuple(str(r) for r in roles), ActorType(actor_type))
@@ -176,6 +177,7 @@ def resolve(resolver: UserResolver | None) -> Actor | None:
     try:
         return as_actor(resolver())
     except Exception as exc:
-        _log.warning("phiaudit: the user resolver raised %s; event kept without user",
-                     type(exc).__name__)  # fmt: skip
+        _log.warning(
+            "phiaudit: the user resolver raised %s; event kept without user", type(exc).__name__
+        )
         return None

@@ -30,7 +30,7 @@ test: lint $(STAMP_TEST)
 	$(PY) -m pytest -q
 
 demo: $(STAMP_SERVER)
-	$(PY) -m phiaudit.receiver.demo
+	$(PY) deploy/demo.py
 
 bench: $(STAMP_TEST)
 	$(PY) bench/receiver.py

@@ -164,7 +164,7 @@ class QueryGateway:
                 else:
                     values[i] = ("enc:" + base64.b64encode(blob).decode()) if blob else ""
             for i in hex_positions:
-                if isinstance(values[i], bytes | bytearray):
+                if isinstance(values[i], bytes | bytearray) and len(values[i]) == 32:
                     values[i] = bytes(values[i]).hex()
             out.append([_render(v) for v in values])
         return QueryResult(columns, out)

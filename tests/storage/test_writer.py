@@ -83,3 +83,27 @@ def test_retried_request_key_adds_nothing(store: Store, encoder: RecordEncoder) 
     w.shutdown()
     assert _count(store, "test-key") == 4
     assert w.stats.duplicate_requests == 1
+
+
+def test_resent_events_are_stored_once_even_after_restart(store: Store,
+                                                         encoder: RecordEncoder) -> None:
+    spec = TableSpec("audit_events", AUDIT_COLUMNS, chained=True, dedup_column="event_id")
+    rows = _rows(encoder, 5, "dup")
+    w = BatchWriter(store, "test-dedup", [spec])
+    w.start()
+    w.submit(b"first", {"audit_events": [list(r) for r in rows]}).result(timeout=30)
+    # the application re-sends two of them inside a different request (spool replay)
+    w.submit(b"second", {"audit_events": [list(r) for r in rows[1:3]]
+                         + _rows(encoder, 1, "new")}).result(timeout=30)
+    w.shutdown()
+    assert _count(store, "test-dedup") == 6
+    assert w.stats.duplicate_rows == 2
+    # a new writer (service restart) still knows what it committed
+    w2 = BatchWriter(store, "test-dedup", [spec])
+    w2.start()
+    w2.submit(b"third", {"audit_events": [list(r) for r in rows]}).result(timeout=30)
+    w2.shutdown()
+    assert _count(store, "test-dedup") == 6
+    _, seqs = store.query("SELECT seq FROM audit_events WHERE writer_id = 'test-dedup' "
+                          "ORDER BY seq")
+    assert [s for (s,) in seqs] == list(range(1, 7))

@@ -50,7 +50,7 @@ __all__ = ["Service", "open_local", "run_service", "writer_identity"]
 _log = logging.getLogger("phiaudit.service")
 
 TABLES = (
-    TableSpec("audit_events", AUDIT_COLUMNS, chained=True),
+    TableSpec("audit_events", AUDIT_COLUMNS, chained=True, dedup_column="event_id"),
     TableSpec("otel_traces", TRACE_COLUMNS, chained=False),
     TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True),
 )

@@ -47,9 +47,14 @@ class Overloaded(StorageUnavailable):
 
 @dataclass(frozen=True)
 class TableSpec:
+    """A table the writer appends to. ``dedup_column`` names a deterministic row id (the
+    first column): a row whose id was committed recently is not written again, so a span
+    that the application re-sends (at-least-once delivery from its spool) is stored once."""
+
     name: str
     columns: Sequence[Column]
     chained: bool
+    dedup_column: str | None = None
 
 
 @dataclass
@@ -59,6 +64,7 @@ class WriterStats:
     insert_failures: int = 0
     permanent_failures: int = 0
     duplicate_requests: int = 0
+    duplicate_rows: int = 0
     shed_requests: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
@@ -88,6 +94,7 @@ class BatchWriter:
         max_queue_rows: int = 500_000,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
         remember_keys: int = 200_000,
+        remember_rows: int = 500_000,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self._store = store
@@ -105,6 +112,9 @@ class BatchWriter:
         self._queued_rows = 0
         self._pending: dict[bytes, _Item] = {}
         self._committed: OrderedDict[bytes, None] = OrderedDict()
+        self._remember_rows = remember_rows
+        self._recent_ids: dict[str, OrderedDict[Any, None]] = {
+            t.name: OrderedDict() for t in tables if t.dedup_column}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -119,6 +129,14 @@ class BatchWriter:
             if spec.chained:
                 seq, head = self._store.chain_head(spec.name, self.writer_id)
                 self._states[spec.name] = ChainState(self.writer_id, seq, head)
+            if spec.dedup_column:
+                # remember what this writer committed last, so a restart keeps deduplicating
+                _, rows = self._store.query(
+                    f"SELECT {spec.dedup_column} FROM {spec.name} WHERE writer_id = {{w:String}} "
+                    f"ORDER BY seq DESC LIMIT {int(self._remember_rows)}", {"w": self.writer_id})
+                recent = self._recent_ids[spec.name]
+                for (row_id,) in reversed(rows):
+                    recent[row_id] = None
         self._thread = threading.Thread(target=self._run, name="phiaudit-writer", daemon=True)
         self._thread.start()
 
@@ -242,6 +260,9 @@ class BatchWriter:
             keys_digest.update(item.key or str(id(item)).encode())
         for name, spec in self._specs.items():
             rows = [r for item in batch for r in item.tables.get(name, ())]
+            recent = self._recent_ids.get(name)
+            if recent is not None and rows:
+                rows = self._fresh(rows, recent)
             if not rows:
                 continue
             if spec.chained:
@@ -260,11 +281,32 @@ class BatchWriter:
         for name, (seq, head) in new_states.items():
             self._states[name].seq = seq
             self._states[name].head = head
+        for name, recent in self._recent_ids.items():
+            for item in batch:
+                for row in item.tables.get(name, ()):
+                    recent[row[0]] = None
+            while len(recent) > self._remember_rows:
+                recent.popitem(last=False)
         self.stats.batches += 1
         self.stats.last_batch_rows = sum(i.nrows for i in batch)
         self.stats.last_commit_seconds = time.monotonic() - started
         if self._on_commit is not None:
             self._on_commit(self.stats.last_batch_rows)
+
+    def _fresh(self, rows: list[list[Any]], recent: OrderedDict[Any, None]) -> list[list[Any]]:
+        """Rows whose id is neither committed recently nor earlier in this batch."""
+        seen: set[Any] = set()
+        fresh = []
+        for row in rows:
+            row_id = row[0]
+            if row_id in recent or row_id in seen:
+                continue
+            seen.add(row_id)
+            fresh.append(row)
+        dropped = len(rows) - len(fresh)
+        if dropped:
+            self.stats.duplicate_rows += dropped
+        return fresh
 
     def _finish(self, batch: list[_Item], error: BaseException | None) -> None:
         with self._cond:

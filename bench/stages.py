@@ -1,0 +1,125 @@
+"""Per-stage cost of the receiver pipeline, in one process, without gRPC.
+
+    .venv/bin/python bench/stages.py [--spans-per-request S] [--requests N]
+
+Runs the service's own code on the requests ``bench/receiver.py`` sends and times each stage
+separately, single-threaded: protobuf parse, extraction (``Extractor.traces``), record encoding
+(``RecordEncoder.audit_row``: AES-GCM of the PHI fields, HMAC blind indexes, JSON of ``extra``),
+hash chaining (``link_rows``), the row-to-column transpose, and the chDB insert through
+``Store.insert`` (a real embedded store in a temporary directory). Prints microseconds per
+span and the spans/s each stage alone would allow; writes ``bench/results/stages.json``.
+
+It answers "where does the time go" without a profiler's overhead; ``bench/receiver.py
+--py-spy`` answers it for the running service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from receiver import SERVICE_BATCH_ROWS, RequestFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--spans-per-request", type=int, default=512)
+    p.add_argument("--requests", type=int, default=60)
+    p.add_argument("--output", default=str(ROOT / "bench" / "results" / "stages.json"))
+    args = p.parse_args(argv)
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+
+    from phiaudit.receiver import DEFAULT_SENSITIVE_ATTRIBUTES, Extractor
+    from phiaudit.storage import (
+        AUDIT_COLUMNS,
+        BlindIndex,
+        ChainState,
+        FieldCipher,
+        KeyRing,
+        RecordEncoder,
+        Store,
+        StoreLocation,
+        canonical_encoder,
+        link_rows,
+        migrate,
+    )
+
+    factory = RequestFactory(args.spans_per_request)
+    raws = [factory.make() for _ in range(args.requests)]
+    spans = args.spans_per_request * args.requests
+    work = Path(tempfile.mkdtemp(prefix="phiaudit-stages-"))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    try:
+        data_dir = work / "data"
+        data_dir.mkdir()
+        keys = KeyRing.open(data_dir)
+        encoder = RecordEncoder(FieldCipher(keys), BlindIndex(keys))
+        extractor = Extractor(list(DEFAULT_SENSITIVE_ATTRIBUTES))
+        location = StoreLocation(data_dir=data_dir)
+        migrate(location)
+        store = Store.open(location)
+        names = [c.name for c in AUDIT_COLUMNS]
+        enc = canonical_encoder(AUDIT_COLUMNS)
+        state = ChainState("bench-stages")
+        batch: list[list[Any]] = []
+        inserts = 0
+        for i, raw in enumerate(raws):
+            req = timed("1 parse (protobuf)",
+                        lambda raw=raw: ts.ExportTraceServiceRequest.FromString(raw))
+            ex = timed("2 extract (Extractor.traces)",
+                       lambda req=req: extractor.traces(req, "anonymous"))
+            rows = timed("3 encode (RecordEncoder.audit_row)",
+                         lambda ex=ex: [encoder.audit_row(e) for e in ex.audit])
+            batch.extend(rows)
+            if len(batch) >= SERVICE_BATCH_ROWS or i == len(raws) - 1:
+                seq, head = timed("4 chain (link_rows)",
+                                  lambda b=batch: link_rows(state, AUDIT_COLUMNS, b, enc))
+                state.seq, state.head = seq, head
+                data = timed("5 transpose rows->columns",
+                             lambda b=batch: [list(c) for c in zip(*b, strict=True)])
+                timed("6 insert (Store.insert, chDB)",
+                      lambda d=data, n=inserts: store.insert("audit_events", names, d, f"s-{n}"))
+                inserts += 1
+                batch = []
+        store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(Path(str(work / "data") + ".keys"), ignore_errors=True)
+
+    total = sum(timings.values())
+    print(f"{spans:,} PHI spans, {args.requests} requests of {args.spans_per_request}, "
+          f"{inserts} inserts, one thread")
+    print(f"  {'stage':<38} {'us/span':>8} {'share':>6} {'alone spans/s':>14}")
+    out: dict[str, Any] = {"spans": spans, "inserts": inserts, "stages": {}}
+    for name, secs in sorted(timings.items()):
+        us = secs / spans * 1e6
+        print(f"  {name:<38} {us:8.2f} {secs / total:6.1%} {spans / secs:14,.0f}")
+        out["stages"][name] = {"us_per_span": us, "share": secs / total,
+                               "spans_per_s": spans / secs}
+    print(f"  {'total (serial)':<38} {total / spans * 1e6:8.2f} {'':>6} {spans / total:14,.0f}")
+    out["total_spans_per_s"] = spans / total
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,10 +25,12 @@ import grpc
 from phiaudit.storage import (
     ACCESS_LOG_COLUMNS,
     AUDIT_COLUMNS,
+    SCHEMA_VERSION,
     TRACE_COLUMNS,
     AccessRecord,
     BatchWriter,
     BlindIndex,
+    ConfigError,
     Credentials,
     FieldCipher,
     KeyRing,
@@ -84,8 +86,13 @@ class _Local:
         self.location = StoreLocation(
             data_dir=None if config.clickhouse_url else self.data_dir,
             url=config.clickhouse_url or None, database=config.database)
-        migrate(self.location)
+        if self.location.embedded:
+            migrate(self.location)  # admin engine in a child process, before ours opens
         store = Store.open(self.location)
+        if store.schema_version() < SCHEMA_VERSION:
+            store.close()
+            raise ConfigError("the ClickHouse schema is missing or old: run `phiaudit migrate "
+                              "--clickhouse ADMIN_URL` with an administrator account first")
         self.store = store_factory(store) if store_factory else store
         self.writer_id = writer_identity(self.data_dir, config.writer_id) + writer_suffix
         self.writer = BatchWriter(

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--decrypt", action="store_true", help="return PHI fields in clear")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.add_argument("--token-file", help=f"file holding the credential (default ${ENV_TOKEN})")
+    m = sub.add_parser("migrate", parents=[common],
+                       help="create or upgrade the schema (server mode: an administrator URL)")
+    del m
     t = sub.add_parser("token", parents=[common], help="issue a credential for a role")
     t.add_argument("--role", required=True, choices=["security", "compliance"])
     t.add_argument("--principal", required=True, help="who the credential is for")
@@ -167,6 +170,16 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from phiaudit.storage import StoreLocation, migrate
+
+    url = args.clickhouse or os.environ.get(ENV_CLICKHOUSE_URL) or None
+    location = StoreLocation(data_dir=None if url else Path(_data_dir(args)).resolve(), url=url)
+    migrate(location)
+    print("phiaudit: schema is up to date")
+    return 0
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from phiaudit.storage import AccessDenied, Credentials
 
@@ -188,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     from phiaudit.storage import AccessDenied, ConfigError, PermanentError, PhiAuditError
 
-    commands = {"serve": _cmd_serve, "sql": _cmd_sql, "token": _cmd_token}
+    commands = {"serve": _cmd_serve, "sql": _cmd_sql, "token": _cmd_token,
+                "migrate": _cmd_migrate}
     try:
         return commands[args.command](args)
     except (AccessDenied, _Usage) as exc:

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigError, PermanentError, StorageUnavailable
-from ._schema import migration_statements
+from ._schema import SCHEMA_VERSION, migration_statements
 
 __all__ = ["Store", "StoreLocation", "migrate"]
 
@@ -36,9 +36,17 @@ _log = logging.getLogger("phiaudit.storage")
 _USERS_XML = """<clickhouse>
   <profiles>
     <default>
-      <max_table_size_to_drop><const/>0</max_table_size_to_drop>
-      <max_partition_size_to_drop><const/>0</max_partition_size_to_drop>
-      <allow_ddl><const/>0</allow_ddl>
+      <!-- 0 would mean "no limit": 1 byte refuses every drop; the constraints pin them -->
+      <max_table_size_to_drop>1</max_table_size_to_drop>
+      <max_partition_size_to_drop>1</max_partition_size_to_drop>
+      <allow_ddl>0</allow_ddl>
+      <allow_introspection_functions>0</allow_introspection_functions>
+      <constraints>
+        <max_table_size_to_drop><const/></max_table_size_to_drop>
+        <max_partition_size_to_drop><const/></max_partition_size_to_drop>
+        <allow_ddl><const/></allow_ddl>
+        <allow_introspection_functions><const/></allow_introspection_functions>
+      </constraints>
     </default>
   </profiles>
   <users>
@@ -122,8 +130,16 @@ def migrate(location: StoreLocation) -> None:
             raise StorageUnavailable(f"schema migration failed: {last[:300]}")
         return
     client = _server_client(location)
-    for stmt in migration_statements(location.database):
-        client.command(stmt)
+    try:
+        for stmt in migration_statements(location.database):
+            client.command(stmt)
+        done = client.query(f"SELECT count() FROM `{location.database}`.schema_migrations "
+                            "WHERE version = {v:UInt32}", parameters={"v": SCHEMA_VERSION})
+        if not done.result_rows[0][0]:
+            client.insert(f"{location.database}.schema_migrations", [[SCHEMA_VERSION]],
+                          column_names=["version"])
+    except Exception as exc:
+        raise _map_error(exc, "schema migration") from exc
 
 
 def _server_client(location: StoreLocation) -> Any:
@@ -219,6 +235,14 @@ class Store:
                 return self._client.command(sql, parameters=parameters)
         except Exception as exc:
             raise _map_error(exc, "statement") from exc
+
+    def schema_version(self) -> int:
+        """The schema version the store holds; 0 when the schema was never created."""
+        try:
+            _, rows = self.query("SELECT max(version) FROM schema_migrations")
+        except PermanentError:
+            return 0
+        return int(rows[0][0] or 0)
 
     def chain_head(self, table: str, writer_id: str) -> tuple[int, bytes]:
         """The last committed (seq, hash) of ``writer_id`` in ``table``; (0, zeros) if none."""

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         location = StoreLocation(data_dir=data_dir)
         migrate(location)
         store = Store.open(location)
-        names = [c.name for c in AUDIT_COLUMNS]
+        [c.name for c in AUDIT_COLUMNS]
         enc = canonical_encoder(AUDIT_COLUMNS)
         state = ChainState("bench-stages")
         batch: list[list[Any]] = []
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 seq, head = timed("4 chain (link_rows)",
                                   lambda b=batch: link_rows(state, AUDIT_COLUMNS, b, enc))
                 state.seq, state.head = seq, head
-                data = timed("5 transpose rows->columns",
-                             lambda b=batch: [list(c) for c in zip(*b, strict=True)])
-                timed("6 insert (Store.insert, chDB)",
-                      lambda d=data, n=inserts: store.insert("audit_events", names, d, f"s-{n}"))
+                timed("5 insert (Store.insert_rows: Arrow, chDB)",
+                      lambda b=batch, n=inserts: store.insert_rows(
+                          "audit_events", AUDIT_COLUMNS, b, f"s-{n}"))
                 inserts += 1
                 batch = []
         store.close()

@@ -37,15 +37,6 @@ _STATUS = ["Unset", "Ok", "Error"]
 _MAX_PATIENTS = 10_000  # one span may fan out to at most this many rows; the rest is counted
 _MAX_NS = (1 << 63) - 1  # DateTime64(9) is a signed 64-bit count of ns: clamp, never reject
 
-# Attributes the contract maps to columns. Everything else of an audit span goes to `extra`.
-_MAPPED = frozenset({
-    "phi.audit.event", "phi.audit.action", "phi.audit.outcome", "phi.resource.type",
-    "phi.resource.id", "phi.patient.id", "phi.record.count", "phi.query", "phi.purpose",
-    "phi.disclosure.recipient", "phi.actor.type", "phi.device.id", "enduser.id", "user.id",
-    "user.roles", "enduser.role", "client.address", "user_agent.original", "http.user_agent",
-    "http.request.method", "http.method", "http.route", "http.response.status_code",
-    "http.status_code", "net.peer.ip", "http.client_ip",
-})
 
 
 @dataclass
@@ -91,8 +82,21 @@ def _value(av: Any) -> Any:
     return None
 
 
+_SCALARS = frozenset({"string_value", "bool_value", "int_value", "double_value"})
+
+
 def _attrs(kvs: Iterable[Any]) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs}
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        v = kv.value
+        which = v.WhichOneof("value")
+        out[kv.key] = getattr(v, which) if which in _SCALARS else _value(v)
+    return out
+
+
+def _s(v: Any) -> str:
+    """Text of an attribute value; the common case (already a str) costs one check."""
+    return v if v.__class__ is str else _text(v)
 
 
 def _text(v: Any) -> str:
@@ -153,28 +157,28 @@ class Extractor:
                 scope = ss.scope
                 for span in ss.spans:
                     st.spans += 1
-                    audit_span = _is_audit(span.attributes)
-                    access_events = [e for e in span.events if e.name == "phi.access"]
+                    attrs = _attrs(span.attributes)
+                    audit_span = _is_true(attrs.get("phi.audit.event"))
+                    access_events = ([e for e in span.events if e.name == "phi.access"]
+                                     if span.events else [])
                     if audit_span or access_events:
-                        attrs = _attrs(span.attributes)
                         ctx = (service, host, device, sender, now_us)
-                        if audit_span:
-                            self._audit_from(out, attrs, span, None, 0, ctx)
                         for i, ev in enumerate(access_events, 1):
                             merged = dict(attrs)
                             merged.update(_attrs(ev.attributes))
                             self._audit_from(out, merged, span, ev, i, ctx)
                         if audit_span:
+                            self._audit_from(out, attrs, span, None, 0, ctx)
                             continue
                     if res_map is None:
                         res_map = self._clean_map(res)
-                    out.traces.append(self._trace_row(span, res_map, service, scope))
+                    out.traces.append(self._trace_row(span, attrs, res_map, service, scope))
                     st.trace_rows += 1
         return out
 
-    def _trace_row(self, span: Any, res_map: dict[str, str], service: str,
-                   scope: Any) -> list[Any]:
-        attrs = self._clean_map(_attrs(span.attributes))
+    def _trace_row(self, span: Any, span_attrs: dict[str, Any], res_map: dict[str, str],
+                   service: str, scope: Any) -> list[Any]:
+        attrs = self._clean_map(span_attrs)
         events = [e for e in span.events if e.name != "phi.access"]
         start = span.start_time_unix_nano
         end = span.end_time_unix_nano
@@ -200,7 +204,7 @@ class Extractor:
         try:
             if status is not None and int(status) >= 400:
                 return "failure", "http"
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
         if any(e.name == "exception" for e in span.events):
             return "failure", "exception"
@@ -219,9 +223,10 @@ class Extractor:
         outcome, reason = self._explicit_outcome(explicit)
         if not outcome:
             outcome, reason = self._span_outcome(span, attrs)
-        extra = {"span.name": span.name} if event is None else {"span.name": span.name,
-                                                                "event.index": index}
-        seed = b"span|" + span.trace_id + span.span_id + str(index).encode()
+        extra: dict[str, Any] = {"span.name": span.name}
+        if event is not None:
+            extra["event.index"] = index
+        seed = b"span|%b%b|%d|" % (span.trace_id, span.span_id, index)
         self._emit(out, attrs, t_ns, source, outcome, reason, service, host, device, sender,
                    now_us, _hex(span.trace_id), _hex(span.span_id), extra, seed)
 
@@ -262,8 +267,8 @@ class Extractor:
                     extra: dict[str, Any] = {}
                     if rec.HasField("body"):
                         extra["log.body"] = _value(rec.body)
-                    seed = (b"log|" + rec.trace_id + rec.span_id + str(t_ns).encode() +
-                            rec.SerializeToString(deterministic=True))
+                    seed = b"log|" + hashlib.sha256(
+                        rec.SerializeToString(deterministic=True)).digest() + b"|"
                     self._emit(out, attrs, t_ns, "log", outcome, reason, service, host,
                                device, sender, now_us, _hex(rec.trace_id), _hex(rec.span_id),
                                extra, seed)
@@ -274,93 +279,107 @@ class Extractor:
               outcome: str, reason: str, service: str, host: str, device: str, sender: str,
               now_us: int, trace_id: str, span_id: str, extra: dict[str, Any],
               seed: bytes) -> None:
+        """One audit event (one row per patient). Consumes ``attrs``: the mapped attributes
+        are taken out, whatever remains is kept (encrypted) in ``extra``."""
         st = out.stats
         st.audit_events += 1
-        get = attrs.get
+        pop = attrs.pop
         time_source = "span"
         t_us = t_ns // 1000
         if t_us < _MIN_TIME_US or t_us > now_us + _FUTURE_SLACK_US:
             st.absurd_timestamps += 1
             extra["reported_time_unix_nano"] = t_ns
             t_us, time_source = now_us, "receiver"
-        action = _text(get("phi.audit.action", "")).strip().lower()
+        pop("phi.audit.event", None)
+        pop("phi.audit.outcome", None)
+        action = _s(pop("phi.audit.action", ""))
         if action not in ACTIONS:
-            if action:
-                extra["phi.audit.action"] = action
-            action = "other" if action else "unknown"
-        count_raw = get("phi.record.count", 0)
-        try:
-            record_count = max(0, int(count_raw))
-            if record_count >= 1 << 64:  # UInt64: a larger value would wedge the writer
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            st.bad_attribute_types += 1
-            extra["phi.record.count"] = count_raw
-            record_count = 0
-        roles_raw = get("user.roles", get("enduser.role"))
-        if isinstance(roles_raw, list):
-            roles = [_text(r) for r in roles_raw]
+            action = action.strip().lower()
+            if action not in ACTIONS:
+                if action:
+                    extra["phi.audit.action"] = action
+                action = "other" if action else "unknown"
+        count_raw = pop("phi.record.count", 0)
+        if count_raw.__class__ is int and 0 <= count_raw < 1 << 64:
+            record_count = count_raw
+        else:
+            try:
+                record_count = max(0, int(count_raw))
+                if record_count >= 1 << 64:  # UInt64: a larger value would wedge the writer
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                st.bad_attribute_types += 1
+                extra["phi.record.count"] = count_raw
+                record_count = 0
+        roles_raw = pop("user.roles", None)
+        legacy_role = pop("enduser.role", None)
+        if roles_raw is None:
+            roles_raw = legacy_role
+        if roles_raw.__class__ is list:
+            roles = [_s(r) for r in roles_raw]
         elif roles_raw:
-            roles = [r.strip() for r in _text(roles_raw).split(",") if r.strip()]
+            roles = [r.strip() for r in _s(roles_raw).split(",") if r.strip()]
         else:
             roles = []
-        status_raw = get("http.response.status_code", get("http.status_code", 0))
-        try:
-            http_status = int(status_raw) if 0 <= int(status_raw) < 1000 else 0
-        except (TypeError, ValueError, OverflowError):
-            st.bad_attribute_types += 1
+        status_raw = pop("http.response.status_code", None)
+        legacy_status = pop("http.status_code", None)
+        if status_raw is None:
+            status_raw = legacy_status
+        if status_raw is None:
             http_status = 0
-        actor = _text(get("enduser.id", get("user.id", "")))
-        actor_type = _text(get("phi.actor.type", "")) or ("user" if actor else "system")
-        for key, value in attrs.items():
-            if key not in _MAPPED:
-                extra[key] = value
-        patients_raw = get("phi.patient.id")
-        if isinstance(patients_raw, list):
-            patients = [_text(p) for p in patients_raw if _text(p)]
+        elif status_raw.__class__ is int and 0 <= status_raw < 1000:
+            http_status = status_raw
+        else:
+            try:
+                http_status = int(status_raw)
+                if not 0 <= http_status < 1000:
+                    http_status = 0
+            except (TypeError, ValueError, OverflowError):
+                st.bad_attribute_types += 1
+                http_status = 0
+        actor_raw = pop("enduser.id", None)
+        user_id = pop("user.id", None)
+        actor = _s(actor_raw if actor_raw is not None else (user_id or ""))
+        actor_type = _s(pop("phi.actor.type", "")) or ("user" if actor else "system")
+        client = pop("client.address", None)
+        peer = pop("net.peer.ip", None)
+        client_ip = pop("http.client_ip", None)
+        client_address = _s(client if client is not None else (peer or client_ip or ""))
+        agent = pop("user_agent.original", None)
+        legacy_agent = pop("http.user_agent", None)
+        user_agent = _s(agent if agent is not None else (legacy_agent or ""))
+        method = pop("http.request.method", None)
+        legacy_method = pop("http.method", None)
+        http_method = _s(method if method is not None else (legacy_method or ""))
+        http_route = _s(pop("http.route", ""))
+        resource_type = _s(pop("phi.resource.type", ""))
+        resource_id = _s(pop("phi.resource.id", ""))
+        query = _s(pop("phi.query", ""))
+        purpose = _s(pop("phi.purpose", ""))
+        recipient = _s(pop("phi.disclosure.recipient", ""))
+        device_id = _s(pop("phi.device.id", "")) or device
+        patients_raw = pop("phi.patient.id", None)
+        if attrs:
+            extra.update(attrs)
+        if patients_raw.__class__ is list:
+            patients = [_s(p) for p in patients_raw if p not in ("", None)]
         elif patients_raw is None or patients_raw == "":
             patients = []
         else:
-            patients = [_text(patients_raw)]
+            patients = [_s(patients_raw)]
         if len(patients) > _MAX_PATIENTS:
             st.patients_truncated += len(patients) - _MAX_PATIENTS
             extra["phi.patient.id.overflow"] = patients[_MAX_PATIENTS:]
             patients = patients[:_MAX_PATIENTS]
-        base_seed = hashlib.sha256(seed).digest()
+        sha = hashlib.sha256
+        append = out.audit.append
         for i, patient in enumerate(patients or [""]):
-            # deterministic: a re-sent event keeps its id (duplicates are visible as such)
-            event_id = uuid.UUID(bytes=hashlib.sha256(base_seed + str(i).encode()).digest()[:16])
-            out.audit.append(AuditEvent(
-                event_id=event_id,
-                event_time_us=t_us,
-                received_time_us=now_us,
-                action=action,
-                outcome=outcome,
-                time_source=time_source,
-                source=source,
-                outcome_reason=reason,
-                actor_id=actor,
-                actor_type=actor_type,
-                actor_roles=roles,
-                service_name=service,
-                host_name=host,
-                resource_type=_text(get("phi.resource.type", "")),
-                resource_id=_text(get("phi.resource.id", "")),
-                patient_id=patient,
-                record_count=record_count,
-                query=_text(get("phi.query", "")),
-                purpose=_text(get("phi.purpose", "")),
-                recipient=_text(get("phi.disclosure.recipient", "")),
-                client_address=_text(get("client.address", get("net.peer.ip",
-                                                                get("http.client_ip", "")))),
-                user_agent=_text(get("user_agent.original", get("http.user_agent", ""))),
-                device_id=_text(get("phi.device.id", "")) or device,
-                http_method=_text(get("http.request.method", get("http.method", ""))),
-                http_route=_text(get("http.route", "")),
-                http_status=http_status,
-                trace_id=trace_id,
-                span_id=span_id,
-                sender=sender,
-                extra=extra,
+            # deterministic: a re-sent event keeps its id, and is stored once
+            event_id = uuid.UUID(bytes=sha(seed + b"%d" % i).digest()[:16])
+            append(AuditEvent(
+                event_id, t_us, now_us, action, outcome, time_source, source, reason, actor,
+                actor_type, roles, service, host, resource_type, resource_id, patient,
+                record_count, query, purpose, recipient, client_address, user_agent, device_id,
+                http_method, http_route, http_status, trace_id, span_id, sender, extra,
             ))
-            st.audit_rows += 1
+        st.audit_rows += len(patients) or 1

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigError, PermanentError, StorageUnavailable
-from ._schema import SCHEMA_VERSION, migration_statements
+from ._schema import SCHEMA_VERSION, Column, migration_statements
 
 __all__ = ["Store", "StoreLocation", "migrate"]
 
@@ -212,6 +212,24 @@ class Store:
                     table, data, column_names=list(columns), column_oriented=True,
                     database=self.database, settings=settings,
                 )
+        except Exception as exc:
+            raise _map_error(exc, f"insert into {table}") from exc
+
+    def insert_rows(
+        self, table: str, columns: Sequence[Column], rows: Sequence[Sequence[Any]], token: str,
+    ) -> None:
+        """Insert row-oriented ``rows`` as one Arrow block; idempotent per ``token``."""
+        from ._arrow import arrow_table
+
+        settings = {"insert_deduplication_token": token, "async_insert": 0}
+        try:
+            data = arrow_table(columns, rows)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise PermanentError(f"insert into {table}: a value does not fit its column") from exc
+        try:
+            with self._lock:
+                self._client.insert_arrow(table, data, database=self.database,
+                                          settings=settings)
         except Exception as exc:
             raise _map_error(exc, f"insert into {table}") from exc
 

@@ -274,9 +274,7 @@ class BatchWriter:
             else:
                 digest = hashlib.sha256(keys_digest.digest() + str(len(rows)).encode())
                 token = f"{self.writer_id}:{name}:{digest.hexdigest()}"
-            columns = [c.name for c in spec.columns]
-            data = [list(col) for col in zip(*rows, strict=True)]
-            self._store.insert(name, columns, data, token)
+            self._store.insert_rows(name, spec.columns, rows, token)
             self.stats.rows[name] = self.stats.rows.get(name, 0) + len(rows)
         for name, (seq, head) in new_states.items():
             self._states[name].seq = seq

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,15 @@ class ServiceConfig:
         return bool(self.tls_cert_file)
 
     def validate(self) -> None:
+        wrong = [f.name for f in fields(self)
+                 if f.type == "str" and not isinstance(getattr(self, f.name), str)]
+        if wrong:  # report these, then check the rest with the defaults in their place
+            found = [f"{k}: must be a string" for k in wrong]
+            try:
+                replace(self, **{k: getattr(ServiceConfig(), k) for k in wrong}).validate()
+            except ConfigError as exc:
+                found += exc.errors
+            raise ConfigError(found)
         errors: list[str] = []
         host, port = "", -1
         if ":" not in self.listen:
@@ -143,10 +152,14 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServiceConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(ServiceConfig)}
     unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError([f"{k}: unknown key" for k in unknown])
-    cfg = ServiceConfig(**values)
+    errors = [f"{k}: unknown key" for k in unknown]  # reported with every other error
+    cfg = ServiceConfig(**{k: v for k, v in values.items() if k in known})
     if not cfg.data_dir:
         cfg.data_dir = "phiaudit-data"
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
     return cfg

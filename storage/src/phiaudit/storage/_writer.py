@@ -71,11 +71,12 @@ class WriterStats:
 
 
 class _Item:
-    __slots__ = ("future", "key", "nrows", "tables")
+    __slots__ = ("done", "future", "key", "nrows", "tables")
 
     def __init__(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> None:
         self.key = key
         self.tables = tables
+        self.done: set[str] = set()  # tables whose rows of this item are committed
         self.nrows = sum(len(r) for r in tables.values())
         self.future: Future[None] = Future()
 
@@ -259,7 +260,8 @@ class BatchWriter:
         for item in batch:
             keys_digest.update(item.key or str(id(item)).encode())
         for name, spec in self._specs.items():
-            rows = [r for item in batch for r in item.tables.get(name, ())]
+            rows = [r for item in batch if name not in item.done
+                    for r in item.tables.get(name, ())]
             recent = self._recent_ids.get(name)
             if recent is not None and rows:
                 rows = self._fresh(rows, recent)
@@ -275,16 +277,18 @@ class BatchWriter:
                 digest = hashlib.sha256(keys_digest.digest() + str(len(rows)).encode())
                 token = f"{self.writer_id}:{name}:{digest.hexdigest()}"
             self._store.insert_rows(name, spec.columns, rows, token)
-            self.stats.rows[name] = self.stats.rows.get(name, 0) + len(rows)
-        for name, (seq, head) in new_states.items():
-            self._states[name].seq = seq
-            self._states[name].head = head
-        for name, recent in self._recent_ids.items():
+            # committed: whatever happens to the batch's other tables, these rows are never
+            # linked or inserted again (re-linking them from the old head forked the chain)
             for item in batch:
-                for row in item.tables.get(name, ()):
+                item.done.add(name)
+            if name in new_states:
+                self._states[name].seq, self._states[name].head = new_states[name]
+            if recent is not None:
+                for row in rows:
                     recent[row[0]] = None
-            while len(recent) > self._remember_rows:
-                recent.popitem(last=False)
+                while len(recent) > self._remember_rows:
+                    recent.popitem(last=False)
+            self.stats.rows[name] = self.stats.rows.get(name, 0) + len(rows)
         self.stats.batches += 1
         self.stats.last_batch_rows = sum(i.nrows for i in batch)
         self.stats.last_commit_seconds = time.monotonic() - started

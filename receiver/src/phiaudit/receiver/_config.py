@@ -38,6 +38,8 @@ class ServiceConfig:
     max_queue_rows: int = 500_000
     ack_timeout_ms: int = 5_000
     retry_after_ms: int = 1_000
+    workers: int = -1
+    worker_min_bytes: int = 64 * 1024
     sensitive_attributes: list[str] = field(
         default_factory=lambda: list(DEFAULT_SENSITIVE_ATTRIBUTES))
     tls_cert_file: str = ""
@@ -104,6 +106,11 @@ class ServiceConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"{key}: must be a positive integer")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \
+                not -1 <= self.workers <= 64:
+            errors.append("workers: -1 (one per core), 0 (in process) or 1 to 64")
+        if not isinstance(self.worker_min_bytes, int) or self.worker_min_bytes < 0:
+            errors.append("worker_min_bytes: must be an integer >= 0")
         if not isinstance(self.batch_max_wait_ms, int) or self.batch_max_wait_ms < 0:
             errors.append("batch_max_wait_ms: must be an integer >= 0")
         if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:

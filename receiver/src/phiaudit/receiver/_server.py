@@ -15,12 +15,12 @@ import asyncio
 import hashlib
 import json
 import logging
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -32,6 +32,8 @@ from phiaudit.storage import (
     PhiAuditError,
     StorageUnavailable,
 )
+
+from ._process import MalformedRequest
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -83,34 +85,31 @@ class _Otlp:
         svc.metrics.inc(f"{signal}_requests")
         if not raw:
             return
-        if signal == "traces":
-            message_type: Any = trace_service_pb2.ExportTraceServiceRequest
-        else:
-            message_type = logs_service_pb2.ExportLogsServiceRequest
+        sender = self._sender(context)
         try:
-            request = message_type.FromString(raw)
-        except (DecodeError, RuntimeError, ValueError):
+            processed = await svc.process(signal, raw, sender)
+        except MalformedRequest:
             svc.metrics.inc(f"{signal}_malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "malformed OTLP request: not a valid protobuf message")
-        sender = self._sender(context)
-        try:
-            if signal == "traces":
-                extracted = svc.extractor.traces(request, sender)
-            else:
-                extracted = svc.extractor.logs(request, sender)
-            audit_rows = [svc.encoder.audit_row(ev) for ev in extracted.audit]
-        except Exception:
+        except BrokenProcessPool:
+            svc.metrics.inc("worker_failures")
+            _log.error("a worker process died; restarting the worker pool")
+            svc.restart_workers()
+            await self._unavailable(context, "temporarily unable to process: retry later")
+        except Exception as exc:
             svc.metrics.inc(f"{signal}_extract_errors")
-            _log.exception("could not process an OTLP %s request (contents not logged)", signal)
+            # the message of an exception may quote a field value: log its type only
+            _log.error("could not process an OTLP %s request (%s; contents not logged)",
+                       signal, type(exc).__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "could not process the request")
-        for name, value in extracted.stats.__dict__.items():
+        for name, value in processed.stats.items():
             svc.metrics.inc(name, value)
         tables: dict[str, list[list[Any]]] = {}
-        if audit_rows:
-            tables["audit_events"] = audit_rows
-        if extracted.traces:
-            tables["otel_traces"] = extracted.traces
+        if processed.audit_rows:
+            tables["audit_events"] = processed.audit_rows
+        if processed.trace_rows:
+            tables["otel_traces"] = processed.trace_rows
         if not tables:
             return
         key = hashlib.sha256(signal.encode() + b"|" + raw).digest()

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
 import socket
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from phiaudit.storage import (
 from ._config import ServiceConfig
 from ._extract import Extractor
 from ._metrics import Metrics
+from ._process import Processed, RequestProcessor, init_worker, work
 from ._server import build_handlers
 
 __all__ = ["Service", "open_local", "run_service", "writer_identity"]
@@ -125,6 +128,8 @@ class Service:
         self._store_factory = store_factory
         self._local: _Local | None = None
         self._server: grpc.aio.Server | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._processor: RequestProcessor | None = None
         self._stopped = False
         self.port = 0
 
@@ -144,6 +149,41 @@ class Service:
         assert self._local is not None
         return self._local.gateway
 
+    async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
+        """Parse, extract and encrypt one request: in a worker when it is large enough."""
+        pool = self._pool
+        if pool is not None and len(raw) >= self.config.worker_min_bytes:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool, work, signal, raw, sender)
+        assert self._processor is not None
+        return self._processor.process(signal, raw, sender)
+
+    def _start_workers(self) -> None:
+        n = self.config.workers
+        if n < 0:
+            n = (os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
+        if n == 0:
+            return
+        ctx = multiprocessing.get_context("forkserver")
+        self._pool = ProcessPoolExecutor(
+            max_workers=n, mp_context=ctx, initializer=init_worker,
+            initargs=(str(Path(self.config.data_dir).resolve()),
+                      list(self.config.sensitive_attributes)))
+        # start them now, not on the first request
+        for f in [self._pool.submit(os.getpid) for _ in range(n)]:
+            f.result(timeout=120)
+
+    def restart_workers(self) -> None:
+        old = self._pool
+        self._pool = None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._start_workers()
+        except Exception:
+            _log.error("could not restart the worker pool; processing in process")
+            self._pool = None
+
     @property
     def run_file(self) -> Path:
         return Path(self.config.data_dir).resolve() / "run" / "service.json"
@@ -151,6 +191,8 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         self._local = local = _Local(cfg, store_factory=self._store_factory)
+        self._processor = RequestProcessor(local.encoder, self.extractor)
+        await asyncio.get_running_loop().run_in_executor(None, self._start_workers)
         if local.admin_token_file:
             _log.warning("created the initial security credential in %s (mode 0600)",
                          local.admin_token_file)
@@ -185,6 +227,8 @@ class Service:
         self._stopped = True
         if self._server is not None:
             await self._server.stop(grace)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         if self._local is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._local.close)
             stats = self._local.writer.stats

@@ -1,0 +1,81 @@
+"""Turning one OTLP request into rows: parse, extract, encrypt. In process or in workers.
+
+This is the CPU-heavy part of the service (tens of microseconds per span, most of it
+protobuf attribute access and per-field Python work), and Python runs it on one core at a
+time. With ``workers > 0`` the service hands large requests to that many worker processes,
+each with its own ``RequestProcessor`` over the same key ring, so that both cores work; small
+requests stay in process, where a round trip to a worker would cost more than it saves. The
+chain, the writer and the store stay in the service process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from phiaudit.storage import BlindIndex, FieldCipher, KeyRing, RecordEncoder
+
+from ._extract import Extractor
+
+__all__ = ["MalformedRequest", "Processed", "RequestProcessor", "init_worker", "work"]
+
+_log = logging.getLogger("phiaudit.receiver")
+
+
+class MalformedRequest(Exception):
+    """The bytes are not a valid OTLP protobuf message (the reason carries no data)."""
+
+
+@dataclass
+class Processed:
+    audit_rows: list[list[Any]]
+    trace_rows: list[list[Any]]
+    stats: dict[str, int]
+
+
+class RequestProcessor:
+    def __init__(self, encoder: RecordEncoder, extractor: Extractor) -> None:
+        self.encoder = encoder
+        self.extractor = extractor
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path, sensitive: list[str]) -> RequestProcessor:
+        ring = KeyRing.open(data_dir, create=False)
+        return cls(RecordEncoder(FieldCipher(ring), BlindIndex(ring)), Extractor(sensitive))
+
+    def process(self, signal: str, raw: bytes, sender: str) -> Processed:
+        try:
+            if signal == "traces":
+                request = trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+            else:
+                request = logs_service_pb2.ExportLogsServiceRequest.FromString(raw)
+        except (DecodeError, RuntimeError, ValueError):
+            raise MalformedRequest("not a valid protobuf message") from None
+        if signal == "traces":
+            extracted = self.extractor.traces(request, sender)
+        else:
+            extracted = self.extractor.logs(request, sender)
+        audit_row = self.encoder.audit_row
+        return Processed([audit_row(ev) for ev in extracted.audit], extracted.traces,
+                         dict(extracted.stats.__dict__))
+
+
+_worker: RequestProcessor | None = None
+
+
+def init_worker(data_dir: str, sensitive: list[str]) -> None:
+    global _worker
+    logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
+    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive)
+
+
+def work(signal: str, raw: bytes, sender: str) -> Processed:
+    if _worker is None:
+        raise RuntimeError("worker not initialised")
+    return _worker.process(signal, raw, sender)

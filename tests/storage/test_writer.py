@@ -48,9 +48,12 @@ def test_chain_is_gap_free_and_links(store: Store, encoder: RecordEncoder) -> No
     prev = b"\x00" * 32
     for r in rows:
         row = list(r)
-        row[names.index("writer_id")] = row[names.index("writer_id")].decode()
         assert row[names.index("prev_hash")] == prev
-        digest = hashlib.sha256(prev + enc(row)).digest()
+        # the documented definition, written out independently of link_rows
+        leaf = hashlib.sha256(enc(row)).digest()
+        seq = str(row[names.index("seq")]).encode()
+        digest = hashlib.sha256(prev + b"10:test-chain" + str(len(seq)).encode() + b":" + seq
+                                + leaf).digest()
         assert row[names.index("hash")] == digest
         prev = digest
     # a new writer instance resumes the chain from what was committed

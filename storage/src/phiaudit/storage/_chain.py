@@ -3,10 +3,13 @@
 Each writer (one receiver process identity) numbers its rows 1, 2, 3, ... without gaps and
 links them::
 
-    hash(row n) = SHA-256( prev_hash || canonical(row n) )     prev_hash(row 1) = 32 zero bytes
+    leaf(row n) = SHA-256( canonical(row n) )
+    hash(row n) = SHA-256( prev_hash || ns(writer_id) || ns(seq) || leaf(row n) )
+    prev_hash(row 1) = 32 zero bytes
 
-``canonical(row)`` concatenates every column except ``prev_hash`` and ``hash``, in table
-order, each as a netstring (``b"<decimal length>:" + bytes``), with these encodings:
+``canonical(row)`` concatenates every column except ``writer_id``, ``seq``, ``prev_hash`` and
+``hash``, in table order, each as a netstring (``ns(b) = b"<decimal length>:" + b``), with
+these encodings:
 
 =====================  =====================================================================
 UUID                   the 36-character text form (``toString(event_id)`` in ClickHouse)
@@ -17,7 +20,9 @@ Array(String)          the netstrings of the items, concatenated, as one netstri
 =====================  =====================================================================
 
 The encoding is chosen so that ClickHouse SQL can recompute it (``SHA256``, ``concat``,
-``length``) for a verification pushed into the database.
+``length``) for a verification pushed into the database. The leaf does not depend on the
+writer's position, so it is computed where the row is built (in the receiver's worker
+processes); only the cheap link is sequential, on the writer thread.
 """
 
 from __future__ import annotations
@@ -88,6 +93,14 @@ def _encoder_for(col: Column) -> Callable[[Any], bytes]:
     return _enc_str
 
 
+_POSITION = ("writer_id", "seq", "prev_hash", "hash")
+
+
+def leaf_digest(encode: Callable[[Sequence[Any]], bytes], row: Sequence[Any]) -> bytes:
+    """SHA-256 of the row's canonical encoding: what the chain links."""
+    return hashlib.sha256(encode(row)).digest()
+
+
 def _field_expr(col: Column, i: int) -> str:
     """Source of an expression giving the field's bytes (before the netstring prefix)."""
     t = col.type
@@ -120,12 +133,12 @@ def _arr(v: Any) -> bytes:
 
 
 def canonical_encoder(columns: Sequence[Column]) -> Callable[[Sequence[Any]], bytes]:
-    """Return ``f(row) -> bytes`` for rows given in ``columns`` order (chain columns excluded
-    from the encoding are ``prev_hash`` and ``hash``; ``writer_id`` and ``seq`` are included).
+    """Return ``f(row) -> bytes`` for rows given in ``columns`` order (the chain columns
+    ``writer_id``, ``seq``, ``prev_hash`` and ``hash`` are not part of the encoding).
 
     The function is generated once per table so that a row costs one call, not one per field.
     """
-    fields = [(i, c) for i, c in enumerate(columns) if c.name not in ("prev_hash", "hash")]
+    fields = [(i, c) for i, c in enumerate(columns) if c.name not in _POSITION]
     lines = ["def encode(r):"]
     names = []
     for n, (i, c) in enumerate(fields):
@@ -159,22 +172,28 @@ def link_rows(
     columns: Sequence[Column],
     rows: list[list[Any]],
     encode: Callable[[Sequence[Any]], bytes] | None = None,
+    leaves: Sequence[bytes] | None = None,
 ) -> tuple[int, bytes]:
     """Fill writer_id, seq, prev_hash and hash of ``rows`` (in place) continuing ``state``.
 
+    ``leaves`` (one per row) are the rows' leaf digests when they were computed where the rows
+    were built (the record encoder does); otherwise they are computed here.
     Returns the new (seq, head) without changing ``state``: the caller commits it only after
     the rows are stored.
     """
     names = [c.name for c in columns]
-    i_w, i_s, i_p, i_h = (names.index(n) for n in ("writer_id", "seq", "prev_hash", "hash"))
+    i_w, i_s, i_p, i_h = (names.index(n) for n in _POSITION)
     enc = encode or canonical_encoder(columns)
     seq, head = state.seq, state.head
     sha = hashlib.sha256
-    for row in rows:
+    writer = _ns(state.writer_id.encode())
+    for n, row in enumerate(rows):
         seq += 1
+        leaf = leaves[n] if leaves is not None else sha(enc(row)).digest()
         row[i_w] = state.writer_id
         row[i_s] = seq
         row[i_p] = head
-        head = sha(head + enc(row)).digest()
+        s = b"%d" % seq
+        head = sha(b"%b%b%d:%b%b" % (head, writer, len(s), s, leaf)).digest()
         row[i_h] = head
     return seq, head

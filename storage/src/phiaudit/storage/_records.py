@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from hashlib import sha256
 from typing import Any
 
+from ._chain import canonical_encoder
 from ._crypto import BlindIndex, FieldCipher
 from ._schema import ACCESS_LOG_COLUMNS, AUDIT_COLUMNS
 
@@ -87,8 +89,8 @@ class RecordEncoder:
     def __init__(self, cipher: FieldCipher, index: BlindIndex) -> None:
         self.cipher = cipher
         self.index = index
-        self._audit_names = [c.name for c in AUDIT_COLUMNS]
-        self._access_names = [c.name for c in ACCESS_LOG_COLUMNS]
+        self._audit_leaf = canonical_encoder(AUDIT_COLUMNS)
+        self._access_leaf = canonical_encoder(ACCESS_LOG_COLUMNS)
 
     def audit_row(self, ev: AuditEvent) -> list[Any]:
         enc = self.cipher.encrypt
@@ -99,7 +101,7 @@ class RecordEncoder:
 
         resource_key = f"{ev.resource_type}/{ev.resource_id}" if ev.resource_id else ""
         extra = _json(ev.extra) if ev.extra else ""
-        return [
+        row = [
             ev.event_id,
             ev.event_time_us,
             ev.received_time_us,
@@ -134,13 +136,15 @@ class RecordEncoder:
             ev.sender,
             e("extra", extra),
             self.cipher.key_id,
-            "", 0, b"", b"",  # writer_id, seq, prev_hash, hash: filled by the writer
+            "", 0, b"", b"",  # writer_id, seq, prev_hash: filled by the writer
         ]
+        row[-1] = sha256(self._audit_leaf(row)).digest()  # the leaf; the writer links it
+        return row
 
     def access_row(self, rec: AccessRecord, now_us: int) -> list[Any]:
 
         event_id = uuid.uuid4()
-        return [
+        row = [
             event_id,
             now_us,
             rec.principal,
@@ -155,3 +159,5 @@ class RecordEncoder:
             self.cipher.key_id,
             "", 0, b"", b"",
         ]
+        row[-1] = sha256(self._access_leaf(row)).digest()
+        return row

@@ -36,7 +36,8 @@ _CHAIN = [
     Column("writer_id", "LowCardinality(String)", "chain", "which writer appended the row"),
     Column("seq", "UInt64", "chain", "per-writer sequence number, gap-free"),
     Column("prev_hash", "FixedString(32)", "chain", "hash of the writer's previous row"),
-    Column("hash", "FixedString(32)", "chain", "SHA-256 over prev_hash and the canonical row"),
+    Column("hash", "FixedString(32)", "chain",
+           "SHA-256(prev_hash, writer, seq, SHA-256(canonical row))"),
 ]
 
 #: audit_events: one row per audit event per patient touched.

@@ -71,11 +71,16 @@ class WriterStats:
 
 
 class _Item:
-    __slots__ = ("done", "future", "key", "nrows", "tables")
+    __slots__ = ("done", "future", "key", "leaves", "nrows", "tables")
 
     def __init__(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> None:
         self.key = key
         self.tables = tables
+        # rows arrive with their leaf digest in the last (hash) slot; keep it, linking
+        # overwrites the slot and a retried batch must link the same leaves again
+        self.leaves: dict[int, bytes] = {
+            id(row): row[-1] for rows in tables.values() for row in rows
+            if row[-1].__class__ is bytes and len(row[-1]) == 32}
         self.done: set[str] = set()  # tables whose rows of this item are committed
         self.nrows = sum(len(r) for r in tables.values())
         self.future: Future[None] = Future()
@@ -270,7 +275,10 @@ class BatchWriter:
             if spec.chained:
                 state = self._states[name]
                 first = state.seq + 1
-                seq, head = link_rows(state, spec.columns, rows, self._encoders[name])
+                known = {k: v for item in batch for k, v in item.leaves.items()}
+                enc = self._encoders[name]
+                leaves = [known.get(id(r)) or hashlib.sha256(enc(r)).digest() for r in rows]
+                seq, head = link_rows(state, spec.columns, rows, enc, leaves)
                 token = f"{self.writer_id}:{name}:{first}:{head.hex()}"
                 new_states[name] = (seq, head)
             else:

@@ -17,6 +17,7 @@ access). For a PHI span, a query string in ``url.query``/``http.target``/``url.f
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ def normalize_template(template: str) -> str:
     """``/p/<int:pid>`` and ``/p/{pid:path}`` -> ``/p/{pid}``; trailing slash dropped."""
     out = _PARAM.sub(lambda m: "{" + (m.group(1) or m.group(2)) + "}", template)
     return out.rstrip("/") or "/"
+
+
+#: route templates are few (paths are not: those are never cached)
+_normalized_route = functools.lru_cache(maxsize=1024)(normalize_template)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ class Classifier:
         method = (_str(attrs, HTTP_METHOD, HTTP_METHOD_OLD) or "").upper()
         route = _str(attrs, HTTP_ROUTE)
         path, query = http_path_query(attrs)
-        norm_route = normalize_template(route) if route else None
+        norm_route = _normalized_route(route) if route else None
         norm_path = normalize_template(path) if path else None
         for key in (norm_route, norm_path):
             if key is not None and key in self._auth:

@@ -83,6 +83,7 @@ class AuditDelivery:
         self._unsettled = 0
         self._backlog = self.spool.pending() > 0
         self._next_attempt = 0.0
+        self._failing = False  # the last export failed (none succeeded since)
         self._delay = cfg.retry_initial_seconds
         self._stop = threading.Event()
         self._intake_done = threading.Event()
@@ -163,7 +164,10 @@ class AuditDelivery:
                     if self._stop.is_set():
                         return
                     continue
-                if not self._due():  # the sender is backing off: straight to disk
+                # the exporter is failing (backing off, or retrying since its last failure):
+                # straight to disk, not into memory behind an export that may hang until its
+                # deadline (a crash would lose it); the spool is replayed oldest first
+                if self._failing or not self._due():
                     self._to_spool(batch)
                     continue
                 try:
@@ -181,14 +185,15 @@ class AuditDelivery:
 
     def _sender_loop(self) -> None:
         while True:
-            try:
-                batch = self._handoff.get(timeout=0.05)
+            replaying = self._backlog and self._due() and not self._stop.is_set()
+            try:  # with a backlog to replay, do not pause between segments
+                batch = self._handoff.get(timeout=0.001 if replaying else 0.05)
             except queue.Empty:
                 batch = None
             try:
                 if batch is not None:
-                    if self._stop.is_set() and not self._due():
-                        self._to_spool(batch)
+                    if self._failing or (self._stop.is_set() and not self._due()):
+                        self._to_spool(batch)  # on disk while the exporter is failing
                     elif self._export(batch):
                         self._settle(len(batch))
                     else:
@@ -210,6 +215,7 @@ class AuditDelivery:
             self._export_errors += 1
             if self._export_errors == 1:  # the type only: exporter messages may echo data
                 _log.warning("phiaudit: audit exporter raised %s; retrying", type(exc).__name__)
+        self._failing = not ok
         if ok:
             self._delay = self.config.retry_initial_seconds
             self._next_attempt = 0.0

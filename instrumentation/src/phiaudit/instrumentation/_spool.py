@@ -27,6 +27,7 @@ from phiaudit.instrumentation._serialize import span_from_dict, span_to_dict
 
 _SUFFIX = ".jsonl"
 _CLAIM = ".inflight-"
+_TMP = ".tmp-"
 
 
 def _alive(pid: int) -> bool:
@@ -103,15 +104,17 @@ class Spool:
         return sum(
             1
             for e in os.scandir(self.directory)
-            if e.name.endswith(_SUFFIX) or e.name.endswith(f"{_CLAIM}{self._pid}")
+            if not e.name.startswith(_TMP)
+            and (e.name.endswith(_SUFFIX) or e.name.endswith(f"{_CLAIM}{self._pid}"))
         )
 
     def claim_oldest(self) -> Path | None:
         """Claim the oldest segment for delivery (this process's own claim first)."""
-        own = sorted(self.directory.glob(f"*{_SUFFIX}{_CLAIM}{self._pid}"))
+        # never a segment still being written: its ".tmp-" name matches the globs too
+        own = sorted(self.directory.glob(f"[!.]*{_SUFFIX}{_CLAIM}{self._pid}"))
         if own:
             return own[0]
-        for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
+        for path in sorted(self.directory.glob(f"[!.]*{_SUFFIX}")):
             claimed = path.with_name(path.name + f"{_CLAIM}{self._pid}")
             try:
                 os.rename(path, claimed)

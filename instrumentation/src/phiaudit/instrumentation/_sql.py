@@ -8,6 +8,7 @@ touches a declared PHI table, which is all it is used for.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from phiaudit.instrumentation._attributes import Action
@@ -39,14 +40,22 @@ def _clean(statement: str) -> str:
 
 def statement_tables(statement: str) -> list[str]:
     """Lower-cased table names (without schema) referenced by ``statement``."""
+    return list(_statement_tables(statement))
+
+
+# Applications send the same (parameterized) statements again and again, and a span is
+# classified several times (sampler, start, end): remember the last few hundred.
+@functools.lru_cache(maxsize=512)
+def _statement_tables(statement: str) -> tuple[str, ...]:
     out: list[str] = []
     for match in _TABLES.finditer(_clean(statement)):
         name = match.group(1).rsplit(".", 1)[-1].strip('`"[]').lower()
         if name and name not in out and name != "select":
             out.append(name)
-    return out
+    return tuple(out)
 
 
+@functools.lru_cache(maxsize=512)
 def statement_action(statement: str) -> Action | None:
     """The audit action of a statement, by its verb (``COPY ... TO`` is an export)."""
     words = _clean(statement).split(None, 1)

@@ -340,7 +340,8 @@ class Extractor:
         actor_raw = pop("enduser.id", None)
         user_id = pop("user.id", None)
         actor = _s(actor_raw if actor_raw is not None else (user_id or ""))
-        actor_type = _s(pop("phi.actor.type", "")) or ("user" if actor else "system")
+        # an actor with an id is a user unless stated; without an id nobody can say which
+        actor_type = _s(pop("phi.actor.type", "")) or ("user" if actor else "")
         client = pop("client.address", None)
         peer = pop("net.peer.ip", None)
         client_ip = pop("http.client_ip", None)

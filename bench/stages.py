@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             batch.extend(rows)
             if len(batch) >= SERVICE_BATCH_ROWS or i == len(raws) - 1:
                 seq, head = timed("4 chain (link_rows)",
-                                  lambda b=batch: link_rows(state, AUDIT_COLUMNS, b, enc))
+                                  lambda b=batch: link_rows(state, AUDIT_COLUMNS, b, enc,
+                                                            [r[-1] for r in b]))
                 state.seq, state.head = seq, head
                 timed("5 insert (Store.insert_rows: Arrow, chDB)",
                       lambda b=batch, n=inserts: store.insert_rows(

@@ -227,8 +227,10 @@ class BatchWriter:
                 return
             try:
                 self._write_with_retry(batch)
-            except Exception:
-                _log.exception("writer: unexpected failure; failing the batch")
+            except Exception as exc:  # the writer thread must never die
+                # the type only: an exception's message may quote a value
+                _log.error("writer: unexpected failure (%s); failing the batch",
+                           type(exc).__name__)
                 self._finish(batch, StorageUnavailable("internal writer error"))
 
     def _write_with_retry(self, batch: list[_Item]) -> None:

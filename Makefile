@@ -26,7 +26,7 @@ lint: $(STAMP_TEST)
 typecheck: $(STAMP_TEST)
 	$(VENV)/bin/mypy instrumentation/src storage/src rules/src receiver/src
 
-test: lint $(STAMP_TEST)
+test: lint typecheck $(STAMP_TEST)
 	$(PY) -m pytest -q
 
 demo: $(STAMP_SERVER)

@@ -87,10 +87,10 @@ def _traffic(address: str, rounds: int) -> Any:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-
-    from phiaudit.instrumentation import configure
     from sample.app import create_app, sample_config
     from sample.traffic import drive_traffic
+
+    from phiaudit.instrumentation import configure
 
     provider = TracerProvider(resource=Resource.create(
         {"service.name": "sample-fhir", "host.name": "demo-host"}))

@@ -163,6 +163,7 @@ def worker(variant: str, endpoint: str | None, workdir: Path) -> int:
         elif cmd == "stats":
             delivery = audit.delivery if audit is not None else None
             say({"dropped": delivery.dropped if delivery is not None else 0,
+                 "spooled": delivery.spooled if delivery is not None else 0,
                  "spool_segments": delivery.spool.pending() if delivery is not None else 0})
         elif cmd == "exit":
             if provider is not None:
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "verdict": verdict,
         "unflushed_blocks": unflushed,
         "phiaudit_dropped": stats["dropped"],
+        "phiaudit_spooled": stats["spooled"],
         "phiaudit_spool_segments_left": stats["spool_segments"],
         "profile_top": profile_top,
     }
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  phiaudit/otel  median {median_ratio:.3f}  (IQR {q1:.3f}-{q3:.3f})  "
           f"added {added * 100:+.1f}%  target <= {TARGET_ADDED * 100:.0f}%  {verdict}")
     print(f"  otel/bare      median {statistics.median(otel_vs_bare):.3f}  (context)")
-    print(f"  dropped {stats['dropped']}, unflushed blocks {unflushed}")
+    print(f"  dropped {stats['dropped']}, spooled {stats['spooled']}, "
+          f"unflushed blocks {unflushed}")
     for line in profile_top:
         print("  " + line)
     print(f"  -> {RESULTS.relative_to(ROOT)}")

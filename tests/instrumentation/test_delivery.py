@@ -7,7 +7,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -238,3 +238,99 @@ def test_stale_claims_of_a_dead_process_are_replayed(tmp_path: Path) -> None:
     assert second.force_flush(5000)
     assert len(receiver.get_finished_spans()) == 3
     second.shutdown()
+
+
+class RecordingExporter(SpanExporter):
+    """Records each call's batch; the first ``hang`` calls wait for ``release`` and then
+    answer ``hang_result``."""
+
+    def __init__(self, hang: int = 0, hang_result: SpanExportResult = SpanExportResult.SUCCESS):
+        self.hang = hang
+        self.hang_result = hang_result
+        self.release = threading.Event()
+        self.batches: list[list[ReadableSpan]] = []
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        if call <= self.hang:
+            self.release.wait(10)
+            if self.hang_result is not SpanExportResult.SUCCESS:
+                return self.hang_result
+        with self._lock:
+            self.batches.append(list(spans))
+        return SpanExportResult.SUCCESS
+
+    def received(self) -> list[ReadableSpan]:
+        with self._lock:
+            return [s for batch in self.batches for s in batch]
+
+
+def test_batches_are_filled_and_force_flush_sends_at_once(tmp_path: Path) -> None:
+    exporter = RecordingExporter()
+    # a long fill delay: only max_batch or force_flush end a batch
+    delivery = AuditDelivery(
+        exporter, fast_delivery(tmp_path, schedule_delay_seconds=30.0, max_batch=40)
+    )
+    spans = make_spans(100)
+    for span in spans:  # spread out: an intake that sends what it has would make tiny batches
+        delivery.submit(span)
+        time.sleep(0.001)
+    started = time.monotonic()
+    assert delivery.force_flush(10000)
+    assert time.monotonic() - started < 5, "force_flush must not wait for the fill delay"
+    assert [len(b) for b in exporter.batches] == [40, 40, 20]
+    assert sorted(ids(exporter.received())) == sorted(ids(spans))
+    assert delivery.spooled == 0 and delivery.dropped == 0
+    delivery.shutdown()
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.parametrize(
+    "late_result", [SpanExportResult.SUCCESS, SpanExportResult.FAILURE], ids=["ok", "failed"]
+)
+def test_a_hanging_export_is_copied_to_the_spool_and_delivered_once(
+    tmp_path: Path, late_result: SpanExportResult
+) -> None:
+    exporter = RecordingExporter(hang=1, hang_result=late_result)
+    delivery = AuditDelivery(exporter, fast_delivery(tmp_path, export_hang_seconds=0.1))
+    spans = make_spans(30)
+    for span in spans:
+        delivery.submit(span)
+    # the whole batch is in flight: after export_hang_seconds it is on disk too (settled)
+    assert wait_for(lambda: delivery.spool.pending() > 0)
+    assert delivery.force_flush(100) is False  # a backlog on disk: not acknowledged yet
+    exporter.release.set()  # the export returns: deleted (ok) or replayed (failed)
+    assert delivery.force_flush(10000)
+    assert delivery.spool.pending() == 0
+    got = ids(exporter.received())
+    assert sorted(got) == sorted(ids(spans)), "every span exactly once"
+    assert delivery.dropped == 0
+    delivery.shutdown()
+
+
+def test_a_crash_while_the_export_hangs_loses_nothing(tmp_path: Path) -> None:
+    hanging = RecordingExporter(hang=1, hang_result=SpanExportResult.FAILURE)
+    first = AuditDelivery(hanging, fast_delivery(tmp_path, export_hang_seconds=0.1))
+    spans = make_spans(25)
+    for span in spans:
+        first.submit(span)
+    assert wait_for(lambda: first.spool.pending() > 0)
+    # the process dies here (its batch never came back from the exporter): the next run,
+    # same spool, delivers it
+    receiver = InMemorySpanExporter()
+    second = AuditDelivery(receiver, fast_delivery(tmp_path))
+    assert second.force_flush(5000)
+    assert sorted(ids(receiver.get_finished_spans())) == sorted(ids(spans))
+    second.shutdown()
+    hanging.release.set()
+    first.shutdown(2000)

@@ -146,8 +146,12 @@ class DeliveryConfig:
     max_batch: int = 512
     #: longest time an application thread may wait on the audit path, in seconds
     max_block_seconds: float = 0.05
-    #: how long the worker waits to fill a batch, in seconds
+    #: longest time a batch is filled before it is exported, in seconds (a batch is sent
+    #: sooner when it reaches ``max_batch`` or on ``force_flush``)
     schedule_delay_seconds: float = 0.2
+    #: an export still running after this long is treated as hanging: its batch is copied
+    #: to the spool (deleted again if the export succeeds) and new batches go to the spool
+    export_hang_seconds: float = 1.0
     retry_initial_seconds: float = 0.5
     retry_max_seconds: float = 30.0
     #: drops are reported in the log at most once per interval, in seconds
@@ -204,6 +208,7 @@ class InstrumentationConfig:
         for name in (
             "max_block_seconds",
             "schedule_delay_seconds",
+            "export_hang_seconds",
             "retry_initial_seconds",
             "retry_max_seconds",
             "report_interval_seconds",

@@ -4,10 +4,16 @@
 trail cannot afford. :class:`AuditDelivery` instead:
 
 * takes spans from the application thread into a bounded in-memory queue; if it is full
-  the thread waits at most ``max_block_seconds``, never longer;
-* an *intake* thread hands batches to the *sender* thread, or writes them to the on-disk
-  spool (:mod:`._spool`) when the sender is busy or backing off, so the queue keeps
-  draining at disk speed even while the exporter hangs;
+  the thread waits at most ``max_block_seconds``, never longer (whatever the batch size:
+  the queue is drained by the intake thread, which never waits on the exporter);
+* an *intake* thread fills batches (up to ``max_batch`` spans, at most
+  ``schedule_delay_seconds`` after their first span, or at once on ``force_flush``: the
+  exporter's cost per call is large) and hands them to the *sender* thread, or writes them
+  to the on-disk spool (:mod:`._spool`) when the sender is busy, hanging or backing off, so
+  the queue keeps draining at disk speed even while the exporter hangs;
+* an export still running after ``export_hang_seconds`` is treated as hanging: the intake
+  thread copies its batch (and the one waiting for the sender) to the spool, so a crash
+  while the exporter hangs loses nothing; the copy is deleted if the export then succeeds;
 * the sender exports, and on anything but ``SpanExportResult.SUCCESS`` (or an exception)
   spools the batch and retries the spool oldest first with exponential backoff until the
   exporter acknowledges; the spool is replayed by the next run after a restart;
@@ -29,8 +35,10 @@ import random
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from opentelemetry import metrics
 from opentelemetry.sdk.trace import ReadableSpan
@@ -43,6 +51,20 @@ _log = logging.getLogger("phiaudit.instrumentation")
 
 DROPPED_METRIC = "phiaudit.instrumentation.audit_spans.dropped"
 SPOOLED_METRIC = "phiaudit.instrumentation.audit_spans.spooled"
+
+_IDLE_WAIT = 0.05  # seconds: how often the intake thread looks at an export in flight
+
+
+@dataclass
+class _InFlight:
+    """A batch the sender is exporting (shared by the sender and the intake watchdog)."""
+
+    batch: list[ReadableSpan]
+    started: float
+    copy: Path | None = None  # its safety copy in the spool (this process's claim)
+    copying: bool = False  # the intake thread is writing the copy
+    copy_tried: bool = False
+    result: bool | None = None  # set when the export returned while the copy was written
 
 
 class AuditDelivery:
@@ -65,6 +87,7 @@ class AuditDelivery:
             SPOOLED_METRIC, unit="{span}", description="PHI audit spans written to the spool"
         )
         self._dropped_total = 0
+        self._spooled_total = 0
         self._unreported: Counter[str] = Counter()
         self._last_report = 0.0
         self._export_errors = 0
@@ -77,8 +100,15 @@ class AuditDelivery:
     def _init_runtime(self) -> None:
         cfg = self.config
         self.spool = Spool(cfg.spool_dir, cfg.spool_max_bytes, fsync=cfg.fsync)
-        self._queue: queue.Queue[ReadableSpan] = queue.Queue(cfg.queue_size)
+        # the application thread appends without waking the intake thread up (a wake-up per
+        # span costs more than the rest of the audit path): the intake thread takes batches
+        # every schedule_delay_seconds, or sooner when woken (full batch, flush, shutdown)
+        self._buffer: deque[ReadableSpan] = deque()
+        self._wake = threading.Event()
+        self._flush = threading.Event()
         self._handoff: queue.Queue[list[ReadableSpan]] = queue.Queue(1)
+        self._flight_lock = threading.Lock()
+        self._flight: _InFlight | None = None
         self._cond = threading.Condition()
         self._unsettled = 0
         self._backlog = self.spool.pending() > 0
@@ -102,25 +132,55 @@ class AuditDelivery:
         """Audit spans dropped since start (spool full or queue blocked past the bound)."""
         return self._dropped_total
 
+    @property
+    def spooled(self) -> int:
+        """Audit spans written to the spool since start (the exporter was busy, hanging or
+        failing); they are delivered from there."""
+        return self._spooled_total
+
     def submit(self, span: ReadableSpan) -> None:
         """Queue one audit span; waits at most ``max_block_seconds``; never raises."""
         try:
             if self._stopped:
                 self._drop(1, "shutdown")
                 return
+            cfg = self.config
+            buffer = self._buffer
             with self._cond:
-                self._unsettled += 1
-            try:
-                self._queue.put(span, timeout=self.config.max_block_seconds)
-            except queue.Full:
-                self._settle(1)
+                queued = len(buffer) < cfg.queue_size
+                if queued:
+                    buffer.append(span)
+                    self._unsettled += 1
+            if not queued:
+                queued = self._submit_when_room(span)
+            if not queued:
                 self._drop(1, "queue_full")
+            elif len(buffer) >= cfg.max_batch:
+                self._wake.set()
         except Exception:  # pragma: no cover - defensive: never raise into the app
             _log.error("phiaudit: internal error while queueing an audit span", exc_info=False)
+
+    def _submit_when_room(self, span: ReadableSpan) -> bool:
+        """The queue is full: wait for room, at most ``max_block_seconds``."""
+        deadline = time.monotonic() + self.config.max_block_seconds
+        while True:
+            self._wake.set()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.001))
+            with self._cond:
+                if len(self._buffer) < self.config.queue_size:
+                    self._buffer.append(span)
+                    self._unsettled += 1
+                    return True
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Wait until every queued span is acknowledged and the spool is empty."""
         deadline = time.monotonic() + timeout_millis / 1000
+        if self._unsettled:  # send what is queued now, not after the fill delay
+            self._flush.set()
+            self._wake.set()
         with self._cond:
             while self._unsettled or self._backlog:
                 left = deadline - time.monotonic()
@@ -135,6 +195,7 @@ class AuditDelivery:
             return
         self._stopped = True
         self._stop.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout_millis / 1000
         self._intake.join(max(0.0, deadline - time.monotonic()))
         self._sender.join(max(0.0, deadline - time.monotonic()))
@@ -146,28 +207,40 @@ class AuditDelivery:
             _log.warning("phiaudit: exporter shutdown failed (%s)", type(exc).__name__)
 
     # -- intake thread --------------------------------------------------------------------------
-    def _drain(self, first_timeout: float) -> list[ReadableSpan]:
+    def _collect(self) -> list[ReadableSpan]:
+        """The next batch: up to ``max_batch`` spans, taken when that many are queued, when
+        ``schedule_delay_seconds`` have passed, on a flush, or at shutdown. Meanwhile it
+        keeps an eye on the export in flight (:meth:`_watch`)."""
+        cfg = self.config
+        buffer = self._buffer
+        deadline = time.monotonic() + cfg.schedule_delay_seconds
+        while len(buffer) < cfg.max_batch and not self._flush.is_set() and not self._stop.is_set():
+            self._watch()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.wait(min(left, _IDLE_WAIT) if self._flight is not None else left)
+            self._wake.clear()
         batch: list[ReadableSpan] = []
-        try:
-            batch.append(self._queue.get(timeout=first_timeout))
-            while len(batch) < self.config.max_batch:
-                batch.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
+        with contextlib.suppress(IndexError):
+            while len(batch) < cfg.max_batch:
+                batch.append(buffer.popleft())
+        if not buffer:
+            self._flush.clear()
         return batch
 
     def _intake_loop(self) -> None:
         try:
             while True:
-                batch = self._drain(self.config.schedule_delay_seconds)
+                batch = self._collect()
                 if not batch:
-                    if self._stop.is_set():
+                    if self._stop.is_set() and not self._buffer:
                         return
                     continue
-                # the exporter is failing (backing off, or retrying since its last failure):
-                # straight to disk, not into memory behind an export that may hang until its
-                # deadline (a crash would lose it); the spool is replayed oldest first
-                if self._failing or not self._due():
+                # the exporter is failing (backing off, or retrying since its last failure)
+                # or hanging: straight to disk, not into memory behind an export that may
+                # hang until its deadline (a crash would lose it); replayed oldest first
+                if self._failing or not self._due() or self._hanging():
                     self._to_spool(batch)
                     continue
                 try:
@@ -178,6 +251,41 @@ class AuditDelivery:
             _log.error("phiaudit: intake thread stopped (%s)", type(exc).__name__)
         finally:
             self._intake_done.set()
+
+    def _hanging(self) -> bool:
+        flight = self._flight
+        return (
+            flight is not None
+            and time.monotonic() - flight.started >= self.config.export_hang_seconds
+        )
+
+    def _watch(self) -> None:
+        """An export hanging past ``export_hang_seconds``: copy its batch to the spool, and
+        the batch waiting for the sender too, so that a crash now loses nothing."""
+        if not self._hanging():
+            return
+        with contextlib.suppress(queue.Empty):
+            self._to_spool(self._handoff.get_nowait())
+        with self._flight_lock:
+            flight = self._flight
+            if flight is None or flight.copy_tried:
+                return
+            flight.copying = flight.copy_tried = True
+        try:
+            copy = self.spool.append_claimed(flight.batch)
+        except OSError:
+            copy = None
+        with self._flight_lock:
+            flight.copying = False
+            flight.copy = copy
+            result = flight.result
+        if copy is not None:  # on disk: settled; replayed by this process if the export fails
+            self._count_spooled(len(flight.batch))
+            with self._cond:
+                self._backlog = True
+            self._settle(len(flight.batch))
+        if result is not None:  # the export returned while the copy was being written
+            self._resolve(flight, result)
 
     # -- sender thread --------------------------------------------------------------------------
     def _due(self) -> bool:
@@ -194,10 +302,8 @@ class AuditDelivery:
                 if batch is not None:
                     if self._failing or (self._stop.is_set() and not self._due()):
                         self._to_spool(batch)  # on disk while the exporter is failing
-                    elif self._export(batch):
-                        self._settle(len(batch))
                     else:
-                        self._to_spool(batch)
+                        self._send(batch)
                     continue
                 if self._intake_done.is_set() and self._handoff.empty():
                     return
@@ -206,6 +312,32 @@ class AuditDelivery:
                 self._report()
             except Exception as exc:  # pragma: no cover - defensive
                 _log.error("phiaudit: sender error (%s)", type(exc).__name__)
+
+    def _send(self, batch: list[ReadableSpan]) -> None:
+        flight = _InFlight(batch, time.monotonic())
+        with self._flight_lock:
+            self._flight = flight
+        ok = False
+        try:
+            ok = self._export(batch)
+        finally:
+            with self._flight_lock:
+                self._flight = None
+                flight.result = ok
+                copying = flight.copying
+            if not copying:  # else the intake thread resolves it when its copy is written
+                self._resolve(flight, ok)
+
+    def _resolve(self, flight: _InFlight, ok: bool) -> None:
+        """Settle a batch whose export returned."""
+        if flight.copy is not None:  # already on disk (and settled)
+            if ok:
+                self.spool.acknowledge(flight.copy)
+            # else: the copy is this process's claim, replayed first
+        elif ok:
+            self._settle(len(flight.batch))
+        else:
+            self._to_spool(flight.batch)
 
     def _export(self, spans: Sequence[ReadableSpan]) -> bool:
         try:
@@ -251,7 +383,7 @@ class AuditDelivery:
             stored = False
             reason = "spool_error"
         if stored:
-            self._spooled_counter.add(len(batch))
+            self._count_spooled(len(batch))
             with self._cond:
                 self._backlog = True
         else:
@@ -259,6 +391,12 @@ class AuditDelivery:
         self._settle(len(batch))
 
     # -- accounting -------------------------------------------------------------------------
+    def _count_spooled(self, n: int) -> None:
+        with self._stats_lock:
+            self._spooled_total += n
+        with contextlib.suppress(Exception):  # a broken meter must not break delivery
+            self._spooled_counter.add(n)
+
     def _settle(self, n: int) -> None:
         with self._cond:
             self._unsettled -= n

@@ -18,6 +18,7 @@ again after start) does not also flow to a general-purpose tracing backend.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -36,9 +37,15 @@ from phiaudit.instrumentation._attributes import (
 )
 from phiaudit.instrumentation._classify import Classifier, http_path_query, query_redactions
 from phiaudit.instrumentation._delivery import AuditDelivery
+from phiaudit.instrumentation._sampler import take_start_decision
 from phiaudit.instrumentation._users import TRACE_IDENTITIES, UserResolver, flask_user, resolve
 
 _log = logging.getLogger("phiaudit.instrumentation")
+
+#: the last end-time decision of a :class:`PhiSpanProcessor` on this thread: (span,
+#: classifier, is audit span). The SDK calls the processors in the order they were added,
+#: on the thread that ends the span, so :func:`without_phi` (added after) reuses it
+_ended = threading.local()
 
 
 def _has_access_events(span: ReadableSpan) -> bool:
@@ -93,8 +100,12 @@ class PhiSpanProcessor(SpanProcessor):
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         try:
             attrs = span.attributes or {}
-            tags = self.classifier.classify(span.name, span.kind, attrs)
             ctx = span.get_span_context()
+            sampled = take_start_decision(self.classifier, ctx.trace_id, span.name, span.kind)
+            if sampled is None:
+                tags = self.classifier.classify(span.name, span.kind, attrs)
+            else:  # a PhiSampler just classified it, and added its tags to the attributes
+                tags = {} if sampled else None
             actor = TRACE_IDENTITIES.get(ctx.trace_id) if ctx is not None else None
             if actor is not None and ENDUSER_ID not in attrs:
                 span.set_attributes(actor.attributes())
@@ -122,10 +133,12 @@ class PhiSpanProcessor(SpanProcessor):
             actor = TRACE_IDENTITIES.get(ctx.trace_id) if ctx is not None else None
         if self.delivery is None:
             return
-        attrs: dict[str, AttributeValue] = dict(span.attributes or {})
-        tags = self.classifier.classify(span.name, span.kind, attrs, ended=True)
-        if tags is None and not _has_access_events(span):
+        tags = self.classifier.classify(span.name, span.kind, span.attributes, ended=True)
+        is_audit = tags is not None or _has_access_events(span)
+        _ended.last = (span, self.classifier, is_audit)
+        if not is_audit:
             return
+        attrs: dict[str, AttributeValue] = dict(span.attributes or {})
         if tags:
             attrs.update(tags)
         if tags is not None:
@@ -179,7 +192,13 @@ class _WithoutPhi(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            if self._audit.is_audit_span(span):
+            last = getattr(_ended, "last", None)
+            if last is not None and last[0] is span and last[1] is self._audit.classifier:
+                _ended.last = None
+                is_audit: bool = last[2]
+            else:
+                is_audit = self._audit.is_audit_span(span)
+            if is_audit:
                 return
         except Exception:  # unclassifiable: keep it away from the general pipeline
             return

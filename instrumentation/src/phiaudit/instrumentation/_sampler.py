@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
@@ -46,6 +47,25 @@ from phiaudit.instrumentation.environment_variables import PHIAUDIT_BASE_SAMPLER
 
 _log = logging.getLogger("phiaudit.instrumentation")
 
+#: the last start-time decision of a :class:`PhiSampler` on this thread, read (once) by
+#: :class:`PhiSpanProcessor` in ``on_start``: the SDK starts the span on the same thread
+#: right after sampling it, so the span is not classified twice at start
+_decided = threading.local()
+
+
+def take_start_decision(
+    classifier: Classifier, trace_id: int, name: str, kind: SpanKind
+) -> bool | None:
+    """True/False (PHI or not at start) if a :class:`PhiSampler` with ``classifier`` just
+    decided for this span on this thread; None when unknown (classify again)."""
+    last = getattr(_decided, "last", None)
+    if last is None:
+        return None
+    _decided.last = None
+    if last[0] is classifier and last[1] == trace_id and last[2] == name and last[3] is kind:
+        return bool(last[4])
+    return None
+
 
 class PhiSampler(Sampler):
     """Samples every PHI span; delegates the others to ``delegate``."""
@@ -68,9 +88,11 @@ class PhiSampler(Sampler):
     ) -> SamplingResult:
         try:
             tags = self.classifier.classify(name, kind, attributes)
+            _decided.last = (self.classifier, trace_id, name, kind, tags is not None)
         except Exception as exc:  # never fail span creation
             _log.debug("phiaudit: classification failed (%s)", type(exc).__name__)
             tags = None
+            _decided.last = None
         if tags is not None:
             state = get_current_span(parent_context).get_span_context().trace_state
             return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), **tags}, state)

@@ -66,12 +66,21 @@ class Spool:
         """Store a batch; False when it would exceed the cap (nothing is written then)."""
         if not spans:
             return True
+        return self._write(spans, claimed=False) is not None
+
+    def append_claimed(self, spans: Sequence[ReadableSpan]) -> Path | None:
+        """Store a batch already claimed by this process (a safety copy of a batch whose
+        export is in flight: no other process replays it, :meth:`acknowledge` deletes it,
+        and this process replays it first if the export fails); None when refused (cap)."""
+        return self._write(spans, claimed=True)
+
+    def _write(self, spans: Sequence[ReadableSpan], *, claimed: bool) -> Path | None:
         payload = "".join(
             json.dumps(span_to_dict(s), separators=(",", ":")) + "\n" for s in spans
         ).encode("utf-8")
         with self._lock:
             if self.size_bytes() + len(payload) > self.max_bytes:
-                return False
+                return None
             self._seq += 1
             name = f"{time.time_ns():020d}-{self._pid}-{self._seq:08d}{_SUFFIX}"
             tmp = self.directory / f".tmp-{name}"
@@ -82,12 +91,13 @@ class Spool:
                     if self._fsync:
                         fh.flush()
                         os.fsync(fh.fileno())
-                os.rename(tmp, self.directory / name)
+                final = self.directory / (name + (f"{_CLAIM}{self._pid}" if claimed else ""))
+                os.rename(tmp, final)
             except BaseException:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 raise
-            return True
+            return final
 
     # -- reading -----------------------------------------------------------------------------
     def size_bytes(self) -> int:

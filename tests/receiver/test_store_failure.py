@@ -1,6 +1,7 @@
-"""A failing store: the receiver answers UNAVAILABLE with RetryInfo (trailer and status
-details), acknowledges nothing it has not committed, stores a retried request exactly once,
-and sheds load with a bounded queue.
+"""A failing store with no room to spool (``spool_max_bytes: 0``; the same holds when the
+spool is full): the receiver answers UNAVAILABLE with RetryInfo (trailer and status details),
+acknowledges nothing it has not committed, stores a retried request exactly once, and sheds
+load with a bounded queue. ``test_spool.py`` covers the spool itself.
 
 The store failure is injected by ``tests.receiver.flaky_service`` (a test double: the real
 service and chDB store, with ``insert`` failing while a flag file exists), because the
@@ -39,7 +40,7 @@ def flaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     base = tmp_path_factory.mktemp("flaky")
     config = base / "phiaudit.yaml"
     config.write_text(f"ack_timeout_ms: {ACK_TIMEOUT_MS}\nretry_after_ms: {RETRY_AFTER_MS}\n"
-                      f"max_queue_rows: {MAX_QUEUE_ROWS}\n")
+                      f"max_queue_rows: {MAX_QUEUE_ROWS}\nspool_max_bytes: 0\n")
     service = start_service(base / "data", "--config", str(config),
                             module="tests.receiver.flaky_service")
     yield service

@@ -38,6 +38,7 @@ class ServiceConfig:
     max_queue_rows: int = 500_000
     ack_timeout_ms: int = 5_000
     retry_after_ms: int = 1_000
+    spool_max_bytes: int = 1 << 30
     workers: int = -1
     worker_min_bytes: int = 64 * 1024
     sensitive_attributes: list[str] = field(
@@ -45,6 +46,17 @@ class ServiceConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    #: signed checkpoints: at most this long between checkpoints of a growing chain,
+    checkpoint_interval_ms: int = 60_000
+    #: or after this many new rows of this service's writer,
+    checkpoint_events: int = 100_000
+    #: and a heartbeat this often when a chain is idle
+    checkpoint_heartbeat_ms: int = 3_600_000
+    #: write-once checkpoint directory outside the data dir (default DATA_DIR.anchor/)
+    anchor_dir: str = ""
+    #: OTLP sender authentication: "auto" (required off loopback) or "required"
+    otlp_auth: str = "auto"
+    clickhouse_ca_file: str = ""
 
     def __repr__(self) -> str:
         shown = []
@@ -94,12 +106,15 @@ class ServiceConfig:
                           "TLS (set tls_cert_file and tls_key_file)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             errors.append("tls_cert_file/tls_key_file: both or neither")
-        for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                    "clickhouse_ca_file"):
             value = getattr(self, key)
             if value and not Path(value).is_file():
                 errors.append(f"{key}: no such file")
         if self.tls_client_ca_file and not self.tls:
             errors.append("tls_client_ca_file: mutual TLS needs tls_cert_file and tls_key_file")
+        if self.otlp_auth not in ("auto", "required"):
+            errors.append("otlp_auth: \"auto\" (required off loopback) or \"required\"")
         positive = ("max_message_bytes", "batch_max_rows", "max_queue_rows", "ack_timeout_ms",
                     "retry_after_ms")
         for key in positive:
@@ -109,12 +124,23 @@ class ServiceConfig:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \
                 not -1 <= self.workers <= 64:
             errors.append("workers: -1 (one per core), 0 (in process) or 1 to 64")
+        if not isinstance(self.spool_max_bytes, int) or isinstance(self.spool_max_bytes, bool) \
+                or self.spool_max_bytes < 0:
+            errors.append("spool_max_bytes: an integer >= 0 (0: no local spool)")
         if not isinstance(self.worker_min_bytes, int) or self.worker_min_bytes < 0:
             errors.append("worker_min_bytes: must be an integer >= 0")
         if not isinstance(self.batch_max_wait_ms, int) or self.batch_max_wait_ms < 0:
             errors.append("batch_max_wait_ms: must be an integer >= 0")
         if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:
             errors.append("max_message_bytes: at most 1 GiB")
+        for key in ("checkpoint_interval_ms", "checkpoint_events", "checkpoint_heartbeat_ms"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                errors.append(f"{key}: must be a positive integer")
+        if self.anchor_dir and self.data_dir and (
+                Path(self.data_dir).resolve() in (a := Path(self.anchor_dir).resolve()).parents
+                or a == Path(self.data_dir).resolve()):
+            errors.append("anchor_dir: must be outside the data directory")
         if not self.database.replace("_", "").isalnum():
             errors.append("database: letters, digits and _ only")
         if not isinstance(self.sensitive_attributes, list) or not all(
@@ -152,7 +178,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServiceConfig:
         if not isinstance(doc, dict):
             raise ConfigError("config: the file must hold a mapping of keys")
         values.update(doc)
-    env_map = {"PHIAUDIT_DATA_DIR": "data_dir", "PHIAUDIT_CLICKHOUSE_URL": "clickhouse_url"}
+    env_map = {"PHIAUDIT_DATA_DIR": "data_dir", "PHIAUDIT_CLICKHOUSE_URL": "clickhouse_url",
+               "PHIAUDIT_CLICKHOUSE_CA_FILE": "clickhouse_ca_file"}
     for env, key in env_map.items():
         if os.environ.get(env) and key not in values:
             values[key] = os.environ[env]

@@ -33,6 +33,7 @@ from phiaudit.storage import (
     StorageUnavailable,
 )
 
+from ._auth import SenderAuth, Unauthenticated
 from ._process import MalformedRequest
 
 if TYPE_CHECKING:
@@ -66,13 +67,16 @@ def _retry_metadata(message: str, delay_ms: int) -> tuple[tuple[str, bytes], ...
 class _Otlp:
     def __init__(self, service: Service) -> None:
         self.svc = service
+        self.auth = SenderAuth.from_config(service.config)
 
-    def _sender(self, context: grpc.aio.ServicerContext) -> str:
-        auth = context.auth_context()
-        names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name")
-        if names:
-            return "mtls:" + bytes(names[0]).decode(errors="replace")
-        return "anonymous"
+    async def _sender(self, context: grpc.aio.ServicerContext) -> str:
+        """The authenticated sender (see ``_auth``), or abort with UNAUTHENTICATED."""
+        try:
+            return self.auth.identify(context.invocation_metadata(), context.auth_context())
+        except Unauthenticated as exc:
+            self.svc.metrics.inc("export_unauthenticated")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # not reached: abort raises
 
     async def _unavailable(self, context: grpc.aio.ServicerContext, message: str) -> None:
         self.svc.metrics.inc("export_unavailable")
@@ -83,9 +87,9 @@ class _Otlp:
     async def _export(self, raw: bytes, context: grpc.aio.ServicerContext, signal: str) -> None:
         svc = self.svc
         svc.metrics.inc(f"{signal}_requests")
+        sender = await self._sender(context)
         if not raw:
             return
-        sender = self._sender(context)
         try:
             processed = await svc.process(signal, raw, sender)
         except MalformedRequest:
@@ -177,6 +181,9 @@ class _Query:
     async def metrics(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         snap = self.svc.metrics.snapshot()
         snap["queued_rows"] = self.svc.writer.queued_rows
+        snap["spool_bytes"] = self.svc.writer.spool_bytes
+        snap["spooled_blocks"] = self.svc.writer.stats.spooled_blocks
+        snap["drained_blocks"] = self.svc.writer.stats.drained_blocks
         return json.dumps(snap).encode()
 
 

@@ -30,6 +30,7 @@ from phiaudit.storage import (
     SCHEMA_VERSION,
     TRACE_COLUMNS,
     AccessRecord,
+    BatchSpool,
     BatchWriter,
     BlindIndex,
     ConfigError,
@@ -44,6 +45,8 @@ from phiaudit.storage import (
     migrate,
 )
 
+from ._checkpointer import Checkpointer
+from ._checkpointer import for_service as checkpointer_for_service
 from ._config import ServiceConfig
 from ._extract import Extractor
 from ._metrics import Metrics
@@ -88,7 +91,8 @@ class _Local:
         self.admin_token_file = self.credentials.ensure_admin()
         self.location = StoreLocation(
             data_dir=None if config.clickhouse_url else self.data_dir,
-            url=config.clickhouse_url or None, database=config.database)
+            url=config.clickhouse_url or None, database=config.database,
+            ca_file=config.clickhouse_ca_file or None)
         if self.location.embedded:
             migrate(self.location)  # admin engine in a child process, before ours opens
         store = Store.open(self.location)
@@ -98,9 +102,14 @@ class _Local:
                               "--clickhouse ADMIN_URL` with an administrator account first")
         self.store = store_factory(store) if store_factory else store
         self.writer_id = writer_identity(self.data_dir, config.writer_id) + writer_suffix
+        # the service's writer spools to local disk while the store fails; the command line's
+        # writer (access records of direct reads) does not
+        spool = (BatchSpool(self.data_dir / "spool", config.spool_max_bytes)
+                 if config.spool_max_bytes > 0 and not writer_suffix else None)
         self.writer = BatchWriter(
             self.store, self.writer_id, TABLES, max_rows=config.batch_max_rows,
-            max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows)
+            max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows,
+            spool=spool)
         self.writer.start()
         self.gateway = QueryGateway(self.store, self.encoder, self.credentials,
                                     self._record_access)
@@ -130,6 +139,7 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._processor: RequestProcessor | None = None
+        self._checkpointer: Checkpointer | None = None
         self._stopped = False
         self.port = 0
 
@@ -192,6 +202,8 @@ class Service:
         cfg = self.config
         self._local = local = _Local(cfg, store_factory=self._store_factory)
         self._processor = RequestProcessor(local.encoder, self.extractor)
+        self._checkpointer = checkpointer_for_service(cfg, local)  # after the writer
+        self._checkpointer.start()
         await asyncio.get_running_loop().run_in_executor(None, self._start_workers)
         if local.admin_token_file:
             _log.warning("created the initial security credential in %s (mode 0600)",
@@ -217,7 +229,10 @@ class Service:
         self._server = server
         self.run_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_file.write_text(json.dumps({
-            "pid": os.getpid(), "address": f"{cfg.host}:{self.port}", "tls": cfg.tls}))
+            "pid": os.getpid(), "address": f"{cfg.host}:{self.port}", "tls": cfg.tls,
+            # for the command line: the certificate to trust when no --ca-file is given
+            "tls_cert_file": str(Path(cfg.tls_cert_file).resolve()) if cfg.tls else "",
+            "mtls": bool(cfg.tls_client_ca_file)}))
         _log.info("listening on %s:%d (%s), writer %s", cfg.host, self.port,
                   "TLS" if cfg.tls else "plaintext, loopback only", local.writer_id)
 
@@ -229,6 +244,8 @@ class Service:
             await self._server.stop(grace)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._checkpointer is not None:  # before the writer: a last checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.shutdown)
         if self._local is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._local.close)
             stats = self._local.writer.stats

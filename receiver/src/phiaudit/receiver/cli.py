@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                         "else ./phiaudit-data)")
     common.add_argument("--clickhouse", metavar="URL",
                         help=f"ClickHouse server URL (default ${ENV_CLICKHOUSE_URL})")
+    from ._client import add_tls_arguments
+    from ._sendercmd import add_sender_parser
+
+    add_tls_arguments(common)
     p = argparse.ArgumentParser(prog="phiaudit", description="PHI audit trail on OpenTelemetry")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", parents=[common], help="run the OTLP receiver and the store")
@@ -46,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", parents=[common],
                        help="create or upgrade the schema (server mode: an administrator URL)")
     del m
+    add_sender_parser(sub, common)
+    from ._verify_cli import add_parsers as add_verify_parsers
+
+    add_verify_parsers(sub, common)
+    from ._retention_cli import add_parsers as add_retention_parsers
+
+    add_retention_parsers(sub, common)
     t = sub.add_parser("token", parents=[common], help="issue a credential for a role")
     t.add_argument("--role", required=True, choices=["security", "compliance"])
     t.add_argument("--principal", required=True, help="who the credential is for")
@@ -81,8 +92,9 @@ def _query_service(info: dict[str, Any], token: str, sql: str, decrypt: bool) ->
 
     from phiaudit.storage import AccessDenied, PhiAuditError
 
-    channel = grpc.insecure_channel(info["address"],
-                                    options=[("grpc.max_receive_message_length", 256 << 20)])
+    from ._client import open_channel
+
+    channel = open_channel(info, options=[("grpc.max_receive_message_length", 256 << 20)])
     call = channel.unary_unary("/phiaudit.v1.Query/Sql")
     try:
         raw = call(json.dumps({"sql": sql, "decrypt": decrypt}).encode(), timeout=300,
@@ -180,6 +192,21 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retention(args: argparse.Namespace) -> int:
+    from ._retention_cli import run_retention
+    from ._service import open_local
+
+    if _running_service(_data_dir(args)) is not None:
+        raise _Usage("retention works on the store directly: stop the service first")
+    return run_retention(args, lambda: open_local(_local_config(args)), _token(args))
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from ._retention_cli import run_keys
+
+    return run_keys(args, Path(_data_dir(args)).resolve(), _token(args))
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from phiaudit.storage import AccessDenied, Credentials
 
@@ -191,18 +218,35 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sender(args: argparse.Namespace) -> int:
+    from ._sendercmd import cmd_sender
+
+    return cmd_sender(args, _data_dir(args), _token(args))
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ._verify_cli import cmd_prove, cmd_verify
+
+    return (cmd_verify if args.command == "verify" else cmd_prove)(args, _data_dir(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
         args = _parser().parse_args(argv)
+        from ._client import apply_tls_arguments
+
+        apply_tls_arguments(args)
     except SystemExit as exc:
         return int(exc.code or 0)
     from phiaudit.storage import AccessDenied, ConfigError, PermanentError, PhiAuditError
 
     commands = {"serve": _cmd_serve, "sql": _cmd_sql, "token": _cmd_token,
-                "migrate": _cmd_migrate}
+                "migrate": _cmd_migrate, "sender": _cmd_sender,
+                "verify": _cmd_verify, "prove": _cmd_verify,
+                "retention": _cmd_retention, "keys": _cmd_keys}
     try:
         return commands[args.command](args)
     except (AccessDenied, _Usage) as exc:

@@ -6,6 +6,17 @@ Imports nothing else of phiaudit. The service (``phiaudit.receiver``) and the ru
 """
 
 from ._chain import GENESIS, ChainState, canonical_encoder, link_rows
+from ._checkpoint import (
+    Anchor,
+    Checkpoint,
+    DirectoryAnchor,
+    SigningKey,
+    default_anchor_dir,
+    load_checkpoints,
+    origin_for,
+    public_keys,
+    store_checkpoint,
+)
 from ._credentials import ROLES, Credentials, Principal
 from ._crypto import ENV_KEK, ENV_KEK_FILE, BlindIndex, FieldCipher, KeyRing, default_kek_path
 from ._errors import (
@@ -17,23 +28,38 @@ from ._errors import (
     StorageUnavailable,
 )
 from ._gateway import QueryGateway, QueryResult, check_statement
+from ._merkle import (
+    CompactRange,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    root_hash,
+    verify_consistency,
+    verify_inclusion,
+)
 from ._records import ACTIONS, AccessRecord, AuditEvent, RecordEncoder
 from ._schema import (
     ACCESS_LOG_COLUMNS,
     AUDIT_COLUMNS,
+    CHECKPOINT_COLUMNS,
     ENCRYPTED_COLUMNS,
     SCHEMA_VERSION,
     TRACE_COLUMNS,
     Column,
     migration_statements,
 )
+from ._senders import SenderTokens
+from ._spool import BatchSpool, SpoolFull
 from ._store import Store, StoreLocation, migrate
+from ._verify import CHAINED_TABLES, Finding, VerifyReport, leaf_sql, verify
 from ._writer import BatchWriter, Overloaded, TableSpec, WriterStats
 
 __all__ = [
     "ACCESS_LOG_COLUMNS",
     "ACTIONS",
     "AUDIT_COLUMNS",
+    "CHAINED_TABLES",
+    "CHECKPOINT_COLUMNS",
     "ENCRYPTED_COLUMNS",
     "ENV_KEK",
     "ENV_KEK_FILE",
@@ -43,14 +69,20 @@ __all__ = [
     "TRACE_COLUMNS",
     "AccessDenied",
     "AccessRecord",
+    "Anchor",
     "AuditEvent",
+    "BatchSpool",
     "BatchWriter",
     "BlindIndex",
     "ChainState",
+    "Checkpoint",
     "Column",
+    "CompactRange",
     "ConfigError",
     "Credentials",
+    "DirectoryAnchor",
     "FieldCipher",
+    "Finding",
     "IntegrityError",
     "KeyRing",
     "Overloaded",
@@ -60,15 +92,32 @@ __all__ = [
     "QueryGateway",
     "QueryResult",
     "RecordEncoder",
+    "SenderTokens",
+    "SigningKey",
+    "SpoolFull",
     "StorageUnavailable",
     "Store",
     "StoreLocation",
     "TableSpec",
+    "VerifyReport",
     "WriterStats",
     "canonical_encoder",
     "check_statement",
+    "consistency_proof",
+    "default_anchor_dir",
     "default_kek_path",
+    "inclusion_proof",
+    "leaf_hash",
+    "leaf_sql",
     "link_rows",
+    "load_checkpoints",
     "migrate",
     "migration_statements",
+    "origin_for",
+    "public_keys",
+    "root_hash",
+    "store_checkpoint",
+    "verify",
+    "verify_consistency",
+    "verify_inclusion",
 ]

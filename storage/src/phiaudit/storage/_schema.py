@@ -14,7 +14,9 @@ from dataclasses import dataclass
 __all__ = [
     "ACCESS_LOG_COLUMNS",
     "AUDIT_COLUMNS",
+    "CHECKPOINT_COLUMNS",
     "ENCRYPTED_COLUMNS",
+    "HOLD_COLUMNS",
     "SCHEMA_VERSION",
     "TRACE_COLUMNS",
     "Column",
@@ -122,6 +124,28 @@ TRACE_COLUMNS: list[Column] = [
     Column("Links.Attributes", "Array(Map(LowCardinality(String), String))"),
 ]
 
+#: checkpoints: signed Merkle checkpoints of each writer's chain (see _checkpoint.py).
+CHECKPOINT_COLUMNS: list[Column] = [
+    Column("origin", "LowCardinality(String)", comment="phiaudit/<database>/<table>"),
+    Column("writer_id", "LowCardinality(String)"),
+    Column("tree_size", "UInt64", comment="rows 1..tree_size of the writer's chain"),
+    Column("root_hash", "FixedString(32)", comment="RFC 6962 tree hash of their chain hashes"),
+    Column("time", "DateTime64(6, 'UTC')"),
+    Column("key_id", "LowCardinality(String)", comment="Ed25519 signing key id"),
+    Column("signature", "String", comment="Ed25519 over the checkpoint body"),
+]
+
+#: legal_holds: a hold stops any purge of data in its time range until it is released.
+HOLD_COLUMNS: list[Column] = [
+    Column("hold_id", "String"),
+    Column("action", "LowCardinality(String)", comment="place | release"),
+    Column("start", "DateTime64(6, 'UTC')"),
+    Column("end", "DateTime64(6, 'UTC')"),
+    Column("reason", "String", comment="case reference; no PHI"),
+    Column("principal", "String"),
+    Column("time", "DateTime64(6, 'UTC')"),
+]
+
 ENCRYPTED_COLUMNS: dict[str, frozenset[str]] = {
     "audit_events": frozenset(c.name for c in AUDIT_COLUMNS if c.kind == "encrypted"),
     "access_log": frozenset(c.name for c in ACCESS_LOG_COLUMNS if c.kind == "encrypted"),
@@ -184,6 +208,20 @@ ORDER BY (TraceId, Start)""",
 TO `{db}`.otel_traces_trace_id_ts AS
 SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
 FROM `{db}`.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.checkpoints (
+{_cols(CHECKPOINT_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (origin, writer_id, tree_size, time)
+{_MERGE_SETTINGS}
+COMMENT 'signed Merkle checkpoints of the hash chains: append-only, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.legal_holds (
+{_cols(HOLD_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (hold_id, time)
+{_MERGE_SETTINGS}
+COMMENT 'legal holds: placing and releasing are both appended; no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
 ) ENGINE = MergeTree ORDER BY version""",

@@ -79,9 +79,13 @@ class StoreLocation:
     data_dir: Path | None = None
     url: str | None = None
     database: str = "phiaudit"
+    #: PEM file of the CA(s) that sign the ClickHouse server's certificate (https only);
+    #: default ``$PHIAUDIT_CLICKHOUSE_CA_FILE``, else the system / certifi roots
+    ca_file: str | None = None
 
     def __repr__(self) -> str:
-        return f"StoreLocation(data_dir={self.data_dir!r}, url={_redact_url(self.url)!r})"
+        return (f"StoreLocation(data_dir={self.data_dir!r}, url={_redact_url(self.url)!r}, "
+                f"ca_file={self.ca_file!r})")
 
     @property
     def embedded(self) -> bool:
@@ -152,11 +156,18 @@ def _server_client(location: StoreLocation) -> Any:
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError("clickhouse: plain http is allowed only on loopback; use https")
     db = parts.path.strip("/") or location.database
+    ca_file = location.ca_file or os.environ.get("PHIAUDIT_CLICKHOUSE_CA_FILE") or None
+    if ca_file and not Path(ca_file).is_file():
+        raise ConfigError("clickhouse_ca_file: no such file")
+    tls: dict[str, Any] = {}
+    if parts.scheme == "https" and ca_file:
+        tls["ca_cert"] = str(Path(ca_file).resolve())
     try:
+        # https: the certificate and the host name are always verified (never verify=False)
         return clickhouse_connect.get_client(
             host=parts.hostname, port=parts.port or (8443 if parts.scheme == "https" else 8123),
             username=unquote(parts.username or "default"), password=unquote(parts.password or ""),
-            database=db, secure=parts.scheme == "https", verify=True,
+            database=db, secure=parts.scheme == "https", verify=True, **tls,
         )
     except Exception as exc:
         raise _map_error(exc, "connect") from exc
@@ -226,6 +237,16 @@ class Store:
             data = arrow_table(columns, rows)
         except (ValueError, TypeError, OverflowError) as exc:
             raise PermanentError(f"insert into {table}: a value does not fit its column") from exc
+        try:
+            with self._lock:
+                self._client.insert_arrow(table, data, database=self.database,
+                                          settings=settings)
+        except Exception as exc:
+            raise _map_error(exc, f"insert into {table}") from exc
+
+    def insert_arrow(self, table: str, data: Any, token: str) -> None:
+        """Insert a prebuilt Arrow table (a spooled block); idempotent per ``token``."""
+        settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
             with self._lock:
                 self._client.insert_arrow(table, data, database=self.database,

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -35,6 +36,7 @@ from typing import Any
 from ._chain import ChainState, canonical_encoder, link_rows
 from ._errors import PermanentError, StorageUnavailable
 from ._schema import Column
+from ._spool import BatchSpool, SpoolFull
 
 __all__ = ["BatchWriter", "Overloaded", "TableSpec", "WriterStats"]
 
@@ -65,6 +67,8 @@ class WriterStats:
     permanent_failures: int = 0
     duplicate_requests: int = 0
     duplicate_rows: int = 0
+    spooled_blocks: int = 0
+    drained_blocks: int = 0
     shed_requests: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
@@ -102,6 +106,7 @@ class BatchWriter:
         remember_keys: int = 200_000,
         remember_rows: int = 500_000,
         on_commit: Callable[[int], None] | None = None,
+        spool: BatchSpool | None = None,
     ) -> None:
         self._store = store
         self.writer_id = writer_id
@@ -114,6 +119,8 @@ class BatchWriter:
         self._backoff = retry_backoff
         self._remember = remember_keys
         self._on_commit = on_commit
+        self._spool = spool
+        self._next_drain = 0.0
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._pending: dict[bytes, _Item] = {}
@@ -143,8 +150,44 @@ class BatchWriter:
                 recent = self._recent_ids[spec.name]
                 for (row_id,) in reversed(rows):
                     recent[row_id] = None
+        if self._spool is not None:
+            self._resume_from_spool()
         self._thread = threading.Thread(target=self._run, name="phiaudit-writer", daemon=True)
         self._thread.start()
+
+    def _resume_from_spool(self) -> None:
+        """After a restart: the chain continues after what was spooled, and the spool drains
+        first when the store answers."""
+        assert self._spool is not None
+        for entry in self._spool.entries():
+            state = self._states.get(entry.table)
+            if state is not None and entry.last_seq > state.seq:
+                state.seq, state.head = entry.last_seq, entry.head
+            recent = self._recent_ids.get(entry.table)
+            if recent is not None:
+                for raw in entry.read().column(0).to_pylist():
+                    recent[uuid.UUID(bytes=raw)] = None
+        if len(self._spool):
+            _log.warning("the local spool holds %d blocks from before the restart; draining",
+                         len(self._spool))
+            try:
+                self._drain()
+            except StorageUnavailable:
+                self._healthy = False
+
+    def _drain(self) -> None:
+        """Insert spooled blocks in order, with their own tokens; raises while the store is
+        still failing."""
+        assert self._spool is not None
+        for entry in self._spool.entries():
+            self._store.insert_arrow(entry.table, entry.read(), entry.token)
+            self._spool.remove(entry)
+            self.stats.drained_blocks += 1
+        self._healthy = True
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool.size_bytes if self._spool is not None else 0
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop taking rows, flush what is queued; True when everything was committed."""
@@ -197,12 +240,13 @@ class BatchWriter:
             return item.future
 
     # -- the writer thread ---------------------------------------------------------------
-    def _take(self) -> list[_Item] | None:
+    def _take(self, timeout: float | None = None) -> list[_Item] | None:
+        """The next batch; [] when ``timeout`` passed with nothing queued; None to stop."""
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
+            if not self._queue and not self._stopping:
+                self._cond.wait(timeout)
             if not self._queue:
-                return None
+                return None if self._stopping else []
             deadline = time.monotonic() + self._max_wait
             batch: list[_Item] = []
             rows = 0
@@ -222,9 +266,18 @@ class BatchWriter:
 
     def _run(self) -> None:
         while True:
-            batch = self._take()
+            spool = self._spool
+            if spool is not None and len(spool) and time.monotonic() >= self._next_drain:
+                try:
+                    self._drain()
+                except StorageUnavailable:
+                    self._next_drain = time.monotonic() + self._backoff[1]
+            pending = spool is not None and len(spool) > 0
+            batch = self._take(0.25 if pending else None)
             if batch is None:
                 return
+            if not batch:
+                continue
             try:
                 self._write_with_retry(batch)
             except Exception as exc:  # the writer thread must never die
@@ -251,17 +304,27 @@ class BatchWriter:
                 _log.error("writer: a request could not be stored (permanent store error)")
                 self._finish(batch, PermanentError("the store rejected the request's rows"))
                 return
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 self.stats.insert_failures += 1
                 self._healthy = False
+                if self._spool is not None and not isinstance(exc, SpoolFull):
+                    try:  # durable on local disk: acknowledged; drained when the store is back
+                        self._write(batch, to_spool=True)
+                        self.stats.spooled_blocks += 1
+                        self._next_drain = time.monotonic() + self._backoff[0]
+                        self._finish(batch, None)
+                        return
+                    except SpoolFull:
+                        _log.warning("writer: the local spool is full; holding the batch")
                 if self._stopping and delay >= self._backoff[1]:
                     self._finish(batch, StorageUnavailable("store unavailable at shutdown"))
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _write(self, batch: list[_Item], to_spool: bool = False) -> None:
         started = time.monotonic()
+        spooling = to_spool or (self._spool is not None and len(self._spool) > 0)
         new_states: dict[str, tuple[int, bytes]] = {}
         keys_digest = hashlib.sha256()
         for item in batch:
@@ -286,7 +349,12 @@ class BatchWriter:
             else:
                 digest = hashlib.sha256(keys_digest.digest() + str(len(rows)).encode())
                 token = f"{self.writer_id}:{name}:{digest.hexdigest()}"
-            self._store.insert_rows(name, spec.columns, rows, token)
+            if spooling:
+                assert self._spool is not None
+                seq_head = new_states.get(name, (0, b""))
+                self._spool.append(name, spec.columns, rows, token, *seq_head)
+            else:
+                self._store.insert_rows(name, spec.columns, rows, token)
             # committed: whatever happens to the batch's other tables, these rows are never
             # linked or inserted again (re-linking them from the old head forked the chain)
             for item in batch:

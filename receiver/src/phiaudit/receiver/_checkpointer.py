@@ -1,0 +1,240 @@
+"""The checkpointer: a service extension that signs Merkle checkpoints of the hash chains.
+
+For every chained table and every writer found in it, the checkpointer follows the writer's
+committed, gap-free run of rows (sequence numbers 1, 2, 3, ... each linked to the previous
+row's hash) in an RFC 6962 tree kept as a compact range, and signs a checkpoint of it:
+
+* after ``checkpoint_events`` new rows from this service's writer, or
+* every ``checkpoint_interval_ms`` when there are new rows (from any writer), or
+* as a heartbeat every ``checkpoint_heartbeat_ms`` when a chain is idle, and
+* once more at shutdown, after the receiver has drained (so every acknowledged row is covered).
+
+Each checkpoint goes first to the anchor (write-once, fsynced), then to the ``checkpoints``
+table; a checkpoint whose table insert failed is retried. At start-up, a newest anchored
+checkpoint missing from the table (the service died between the two writes) is stored again.
+The thread never dies and never logs a row's content: only table, writer and sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from phiaudit.storage import (
+    CHAINED_TABLES,
+    GENESIS,
+    Anchor,
+    Checkpoint,
+    CompactRange,
+    PhiAuditError,
+    SigningKey,
+    leaf_hash,
+    load_checkpoints,
+    origin_for,
+    store_checkpoint,
+)
+
+__all__ = ["Checkpointer", "for_service"]
+
+_log = logging.getLogger("phiaudit.checkpointer")
+
+_CHUNK = 100_000
+
+
+@dataclass
+class _Chain:
+    table: str
+    writer_id: str
+    tree: CompactRange = field(default_factory=CompactRange)
+    head: bytes = GENESIS
+    broken_at: int = 0  # first sequence number that does not continue the run
+    checkpointed_size: int = -1
+    checkpointed_at: float = 0.0
+
+
+class Checkpointer:
+    """Start after the writer, shut down before it."""
+
+    def __init__(
+        self,
+        store: Any,
+        key: SigningKey,
+        anchor: Anchor,
+        *,
+        interval_s: float = 60.0,
+        events: int = 100_000,
+        heartbeat_s: float = 3600.0,
+        committed_rows: Any = None,
+        tables: tuple[str, ...] = tuple(CHAINED_TABLES),
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._anchor = anchor
+        self._interval = interval_s
+        self._events = events
+        self._heartbeat = heartbeat_s
+        self._committed_rows = committed_rows  # () -> rows this service's writer committed
+        self._tables = tables
+        self._chains: dict[tuple[str, str], _Chain] = {}
+        self._pending: list[Checkpoint] = []
+        self._known_sizes: dict[tuple[str, str], int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self.checkpoints_written = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._anchor.put_public_key(self._key.key_id, self._key.public)
+        self._started = True
+        self._thread = threading.Thread(target=self._run, name="phiaudit-checkpointer",
+                                        daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop, after one last checkpoint of whatever is new. Idempotent."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        self._thread = None
+        try:
+            self._round(force=True)
+        except Exception as exc:  # never raise from shutdown
+            _log.error("checkpointer: final checkpoint failed (%s)", type(exc).__name__)
+
+    # -- the thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._recover()
+        except Exception as exc:
+            _log.error("checkpointer: recovery failed (%s)", type(exc).__name__)
+        last_round = time.monotonic()
+        base = self._rows_committed()
+        tick = min(0.25, self._interval, self._heartbeat)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            rows = self._rows_committed()
+            due = now - last_round >= min(self._interval, self._heartbeat)
+            if rows - base < self._events and not due:
+                continue
+            force = rows - base >= self._events
+            base, last_round = rows, now
+            try:
+                self._round(force=force)
+            except Exception as exc:  # the thread must never die; retried next round
+                self.failures += 1
+                _log.warning("checkpointer: round failed (%s); retrying", type(exc).__name__)
+
+    def _rows_committed(self) -> int:
+        if self._committed_rows is None:
+            return 0
+        return int(self._committed_rows())
+
+    def _recover(self) -> None:
+        stored = {(c.origin, c.writer_id, c.tree_size, c.time_us) for c in
+                  load_checkpoints(self._store)}
+        newest: dict[tuple[str, str], Checkpoint] = {}
+        for cp in self._anchor.checkpoints():
+            k = (cp.origin, cp.writer_id)
+            if k not in newest or (cp.tree_size, cp.time_us) > (newest[k].tree_size,
+                                                                newest[k].time_us):
+                newest[k] = cp
+        latest_stored: dict[tuple[str, str], tuple[int, int]] = {}
+        for o, w, s, t in stored:
+            latest_stored[(o, w)] = max(latest_stored.get((o, w), (0, 0)), (s, t))
+            self._known_sizes[(o, w)] = latest_stored[(o, w)][0]
+        for k, cp in newest.items():
+            if (cp.origin, cp.writer_id, cp.tree_size, cp.time_us) in stored:
+                continue
+            if (cp.tree_size, cp.time_us) > latest_stored.get(k, (-1, -1)):
+                _log.warning("checkpointer: storing anchored checkpoint %s/%d again (the "
+                             "service stopped before storing it)", cp.writer_id, cp.tree_size)
+                store_checkpoint(self._store, cp)
+
+    # -- one round -----------------------------------------------------------------------
+    def _round(self, force: bool) -> None:
+        with self._lock:
+            self._retry_pending()
+            now = time.monotonic()
+            for table in self._tables:
+                _, heads = self._store.query(
+                    f"SELECT writer_id, max(seq) FROM {table} GROUP BY writer_id")
+                for writer, top in heads:
+                    chain = self._chains.get((table, str(writer)))
+                    if chain is None:
+                        chain = self._chains[(table, str(writer))] = _Chain(table, str(writer))
+                        chain.checkpointed_at = now
+                        chain.checkpointed_size = self._known_sizes.get(
+                            (origin_for(self._store.database, table), str(writer)), -1)
+                    self._follow(chain, int(top))
+                    grown = chain.tree.size != chain.checkpointed_size
+                    idle_due = now - chain.checkpointed_at >= self._heartbeat
+                    interval_due = now - chain.checkpointed_at >= self._interval
+                    if (grown and (force or interval_due or self._stop.is_set())) or idle_due:
+                        if chain.tree.size == 0:
+                            continue
+                        self._checkpoint(chain)
+                        chain.checkpointed_at = now
+
+    def _follow(self, chain: _Chain, top: int) -> None:
+        """Extend the chain's tree with its new committed, gap-free rows."""
+        while not chain.broken_at and chain.tree.size < top:
+            start = chain.tree.size
+            _, rows = self._store.query(
+                f"SELECT seq, prev_hash, hash FROM {chain.table} WHERE writer_id = {{w:String}} "
+                "AND seq > {a:UInt64} AND seq <= {b:UInt64} ORDER BY seq",
+                {"w": chain.writer_id, "a": start, "b": start + _CHUNK}, binary=True)
+            if not rows:
+                chain.broken_at = start + 1
+            for seq, prev, h in rows:
+                if int(seq) != chain.tree.size + 1 or bytes(prev) != chain.head:
+                    chain.broken_at = chain.tree.size + 1
+                    _log.error("checkpointer: the chain of writer %s in %s does not continue "
+                               "at seq %d; checkpoints stop before it (run phiaudit verify)",
+                               chain.writer_id, chain.table, chain.broken_at)
+                    break
+                chain.head = bytes(h)
+                chain.tree.append(leaf_hash(chain.head))
+
+    def _checkpoint(self, chain: _Chain) -> None:
+        cp = self._key.sign(Checkpoint(
+            origin_for(self._store.database, chain.table), chain.writer_id, chain.tree.size,
+            chain.tree.root(), time.time_ns() // 1000))
+        self._anchor.put(cp)  # first: what the anchor holds is what counts
+        chain.checkpointed_size = chain.tree.size
+        self.checkpoints_written += 1
+        try:
+            store_checkpoint(self._store, cp)
+        except PhiAuditError:
+            self._pending.append(cp)
+
+    def _retry_pending(self) -> None:
+        while self._pending:
+            store_checkpoint(self._store, self._pending[0])
+            self._pending.pop(0)
+
+
+def for_service(config: Any, local: Any) -> Checkpointer:
+    """The service's checkpointer: its signing key, its anchor, its writer's row count."""
+    from pathlib import Path
+
+    from phiaudit.storage import DirectoryAnchor, default_anchor_dir
+
+    data_dir = Path(local.data_dir)
+    anchor_dir = Path(config.anchor_dir) if config.anchor_dir else default_anchor_dir(data_dir)
+    writer = local.writer
+
+    def committed() -> int:
+        return sum(writer.stats.rows.get(t, 0) for t in CHAINED_TABLES)
+
+    return Checkpointer(
+        local.store, SigningKey.open(data_dir), DirectoryAnchor(anchor_dir, data_dir),
+        interval_s=config.checkpoint_interval_ms / 1000, events=config.checkpoint_events,
+        heartbeat_s=config.checkpoint_heartbeat_ms / 1000, committed_rows=committed)

@@ -1,0 +1,237 @@
+"""Checkpoints, signing keys and anchors; the SQL leaf against Python's; the checkpointer's
+schedule and heartbeat - against the session's real embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phiaudit.storage import (
+    ACCESS_LOG_COLUMNS,
+    AUDIT_COLUMNS,
+    AccessRecord,
+    AuditEvent,
+    BatchWriter,
+    Checkpoint,
+    CompactRange,
+    ConfigError,
+    DirectoryAnchor,
+    IntegrityError,
+    RecordEncoder,
+    SigningKey,
+    Store,
+    TableSpec,
+    canonical_encoder,
+    leaf_hash,
+    leaf_sql,
+    load_checkpoints,
+    public_keys,
+    verify,
+)
+
+
+def _cp(size: int = 3, t: int = 1_764_000_000_000_000) -> Checkpoint:
+    return Checkpoint("phiaudit/phiaudit/audit_events", "host-1", size, b"\x07" * 32, t)
+
+
+def test_signing_key_is_wrapped_beside_the_key_ring(data_dir: Path,
+                                                    encoder: RecordEncoder) -> None:
+    key = SigningKey.open(data_dir)
+    again = SigningKey.open(data_dir)
+    assert again.key_id == key.key_id and again.public == key.public
+    doc = json.loads(SigningKey.path(data_dir).read_text())
+    raw_private = key._private.private_bytes_raw()
+    assert raw_private.hex() not in json.dumps(doc)
+    assert "[REDACTED]" in repr(key)
+    assert oct(os.stat(SigningKey.path(data_dir)).st_mode & 0o777) == "0o600"
+    assert public_keys(data_dir) == {key.key_id: key.public}
+    signed = key.sign(_cp())
+    assert signed.verify({key.key_id: key.public}) is True
+    assert signed.verify({}) is None
+    for forged in (Checkpoint(**{**signed.__dict__, "tree_size": 4}),
+                   Checkpoint(**{**signed.__dict__, "root_hash": b"\x08" * 32}),
+                   Checkpoint(**{**signed.__dict__, "writer_id": "host-2"})):
+        assert forged.verify({key.key_id: key.public}) is False
+
+
+def test_signing_key_needs_the_kek(data_dir: Path, encoder: RecordEncoder,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    SigningKey.open(data_dir)
+    monkeypatch.setenv("PHIAUDIT_KEK", "11" * 32)
+    with pytest.raises(ConfigError, match="does not open"):
+        SigningKey.open(data_dir)
+
+
+def test_note_round_trip_and_canonical_form() -> None:
+    cp = _cp()
+    cp = Checkpoint(**{**cp.__dict__, "key_id": "abcd", "signature": b"\x01" * 64})
+    note = cp.note()
+    assert note.startswith("phiaudit-checkpoint/1\norigin phiaudit/phiaudit/audit_events\n"
+                           "writer host-1\nsize 3\nroot " + "07" * 32 + "\ntime ")
+    assert Checkpoint.parse(note) == cp
+    with pytest.raises(IntegrityError):
+        Checkpoint.parse(note.replace("size 3", "size 03"))
+    with pytest.raises(IntegrityError):
+        Checkpoint.parse(note.replace("\u2014 ", ""))
+    with pytest.raises(ValueError):
+        Checkpoint("o", "two words", 1, b"\x00" * 32, 1).body()
+
+
+def test_directory_anchor_is_write_once_and_outside_the_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        DirectoryAnchor(tmp_path / "data" / "anchor", tmp_path / "data")
+    anchor = DirectoryAnchor(tmp_path / "data.anchor", tmp_path / "data")
+    cp = Checkpoint(**{**_cp().__dict__, "key_id": "k1", "signature": b"s" * 64})
+    anchor.put(cp)
+    anchor.put(cp)  # the same checkpoint again: a retry, fine
+    files = list((tmp_path / "data.anchor").rglob("*.checkpoint"))
+    assert len(files) == 1 and oct(files[0].stat().st_mode & 0o777) == "0o444"
+    other = Checkpoint(**{**cp.__dict__, "root_hash": b"\x09" * 32})
+    with pytest.raises(IntegrityError, match="exists"):
+        anchor.put(other)  # same chain, size and time: never overwritten
+    assert Checkpoint.parse(files[0].read_text()) == cp
+    assert anchor.checkpoints() == [cp]
+    anchor.put_public_key("k1", b"p" * 32)
+    assert anchor.public_keys() == {"k1": b"p" * 32}
+
+
+def _audit_rows(encoder: RecordEncoder, n: int) -> list[list[Any]]:
+    rows = []
+    for i in range(n):
+        rows.append(encoder.audit_row(AuditEvent(
+            event_id=uuid.uuid4(), event_time_us=1_764_000_000_123_456 + i,
+            received_time_us=1_764_000_001_000_001 + i, action="search", outcome="success",
+            actor_id="dr.\u00e9l\u00e8ve \U0001f600" if i % 2 else "",
+            actor_roles=["physician", "", "a:b"] if i % 3 else [],
+            patient_id=f"p-{i}", query="name=smith" if i % 2 else "",
+            record_count=2**63 + i, http_status=404 if i % 2 else 0,
+            extra={"k": i} if i % 2 else {})))
+    return rows
+
+
+def test_sql_leaf_is_byte_identical_to_python(store: Store, encoder: RecordEncoder,
+                                              data_dir: Path) -> None:
+    w = BatchWriter(store, "leaf-kat", [TableSpec("audit_events", AUDIT_COLUMNS, True),
+                                        TableSpec("access_log", ACCESS_LOG_COLUMNS, True)])
+    w.start()
+    w.submit(None, {"audit_events": _audit_rows(encoder, 12), "access_log": [
+        encoder.access_row(AccessRecord("alice", "security", "direct", "SELECT 1", flag, 3,
+                                        "ok"), 1_764_000_000_000_001) for flag in (True, False)
+    ]}).result(timeout=60)
+    assert w.shutdown()
+    for table, columns in (("audit_events", AUDIT_COLUMNS), ("access_log", ACCESS_LOG_COLUMNS)):
+        names = ", ".join(f"`{c.name}`" for c in columns)
+        _, rows = store.query(f"SELECT {names}, {leaf_sql(columns)} FROM {table} "
+                              "WHERE writer_id = 'leaf-kat' ORDER BY seq", binary=True)
+        assert rows
+        enc = canonical_encoder(columns)
+        import hashlib
+
+        for r in rows:
+            assert bytes(r[-1]) == hashlib.sha256(enc(list(r[:-1]))).digest()
+    for mode in ("sql", "python"):
+        # (a checkpointer test may have signed this chain too: its key is the session's)
+        report = verify(store, keys=public_keys(data_dir), mode=mode, writers=["leaf-kat"])
+        assert report.ok, report.findings
+        assert report.rows == 14 and report.writers == 1 and report.mode == mode
+
+
+def test_checkpointer_signs_on_events_and_heartbeats_when_idle(
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
+    from phiaudit.receiver._checkpointer import Checkpointer
+
+    w = BatchWriter(store, "cp-sched", [TableSpec("audit_events", AUDIT_COLUMNS, True)])
+    w.start()
+    w.submit(None, {"audit_events": _audit_rows(encoder, 7)}).result(timeout=60)
+    anchor = DirectoryAnchor(tmp_path / "anchor")
+    key = SigningKey.open(data_dir)
+    cpr = Checkpointer(store, key, anchor, interval_s=3600, events=5, heartbeat_s=0.5,
+                       committed_rows=lambda: w.stats.rows.get("audit_events", 0))
+
+    def mine() -> list[Checkpoint]:
+        return sorted((c for c in anchor.checkpoints() if c.writer_id == "cp-sched"),
+                      key=lambda c: c.time_us)
+
+    cpr.start()
+    try:
+        w.submit(None, {"audit_events": _audit_rows(encoder, 5)}).result(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(c.tree_size == 12 for c in mine()):
+            time.sleep(0.05)
+        # 5 events since start: a checkpoint long before the hour-long interval
+        assert any(c.tree_size == 12 for c in mine())
+        # idle: heartbeats of the same size, at new times
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len([c for c in mine() if c.tree_size == 12]) < 3:
+            time.sleep(0.05)
+        beats = [c for c in mine() if c.tree_size == 12]
+        assert len(beats) >= 3 and len({c.time_us for c in beats}) == len(beats)
+        w.submit(None, {"audit_events": _audit_rows(encoder, 1)}).result(timeout=60)
+    finally:
+        cpr.shutdown()
+        assert w.shutdown()
+    cps = mine()
+    assert cps[-1].tree_size == 13  # the final checkpoint at shutdown covers every row
+    assert all(c.verify({key.key_id: key.public}) for c in cps)
+    # every anchored checkpoint is in the table, and the roots are the rows' tree hashes
+    stored = {c for c in load_checkpoints(store) if c.writer_id == "cp-sched"}
+    assert stored == set(cps)
+    _, hashes = store.query("SELECT hash FROM audit_events WHERE writer_id = 'cp-sched' "
+                            "ORDER BY seq", binary=True)
+    tree = CompactRange()
+    roots = {}
+    for (h,) in hashes:
+        tree.append(leaf_hash(bytes(h)))
+        roots[tree.size] = tree.root()
+    assert all(roots[c.tree_size] == c.root_hash for c in cps)
+    report = verify(store, keys={key.key_id: key.public}, anchor=anchor, writers=["cp-sched"])
+    assert report.ok, report.findings
+    assert report.checkpoints == report.anchored == len(cps)
+
+
+def test_roots_folded_in_sql_match_python_across_block_boundaries(
+        store: Store, encoder: RecordEncoder) -> None:
+    from phiaudit.storage._verify import _chain_roots
+
+    w = BatchWriter(store, "roots-sql", [TableSpec("audit_events", AUDIT_COLUMNS, True)])
+    w.start()
+    w.submit(None, {"audit_events": _audit_rows(encoder, 700)}).result(timeout=60)
+    assert w.shutdown()
+    _, hashes = store.query("SELECT hash FROM audit_events WHERE writer_id = 'roots-sql' "
+                            "ORDER BY seq", binary=True)
+    tree = CompactRange()
+    expected = {}
+    for (h,) in hashes:
+        tree.append(leaf_hash(bytes(h)))
+        expected[tree.size] = tree.root()
+    sizes = [1, 2, 255, 256, 257, 511, 512, 513, 699, 700]
+    max_seq, roots = _chain_roots(store, "audit_events", "roots-sql", [*sizes, 701])
+    assert max_seq == 700
+    assert roots == {n: expected[n] for n in sizes}
+
+
+def test_checkpointer_restores_a_newest_anchored_checkpoint_missing_from_the_table(
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
+    """The service died between the anchor write and the table insert."""
+    from phiaudit.receiver._checkpointer import Checkpointer
+
+    key = SigningKey.open(data_dir)
+    anchor = DirectoryAnchor(tmp_path / "anchor")
+    lost = key.sign(Checkpoint("phiaudit/phiaudit/audit_events", "crashed-writer", 3,
+                               b"\x05" * 32, time.time_ns() // 1000))
+    anchor.put(lost)
+    cpr = Checkpointer(store, key, anchor, interval_s=3600, heartbeat_s=3600)
+    cpr.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and lost not in load_checkpoints(store):
+            time.sleep(0.05)
+    finally:
+        cpr.shutdown()
+    assert lost in load_checkpoints(store)

@@ -92,7 +92,10 @@ def main(argv: list[str]) -> int:
         _, rows = store.query("SELECT count() FROM access_log WHERE event_id = {i:UUID}",
                               {"i": new_id})
         report["insert"] = {"event_id": new_id, "found": int(rows[0][0])}
-        for table in ALL_TABLES:
+        _, listed = store.query(
+            "SELECT name FROM system.tables "
+            "WHERE database = currentDatabase() AND engine != 'MaterializedView'")
+        for table in sorted({str(name) for (name,) in listed} | set(ALL_TABLES)):
             try:
                 _, rows = store.query(f"SHOW CREATE TABLE {table}")
                 report["create"][table] = str(rows[0][0])

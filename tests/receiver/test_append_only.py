@@ -73,4 +73,5 @@ def test_service_connection_cannot_rewrite_history(tmp_path: Path) -> None:
         assert engine == "MergeTree", (table, engine)
         bare = re.sub(r"'(?:[^'\\]|\\.)*'", "''", ddl)  # comments may say "no TTL"
         assert re.search(r"\bTTL\b", bare, re.I) is None, table
-    assert set(report["create"]) >= {"audit_events", "access_log", "otel_traces"}
+    assert set(report["create"]) >= {"audit_events", "access_log", "otel_traces", "checkpoints",
+                                      "legal_holds", "schema_migrations"}

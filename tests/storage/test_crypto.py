@@ -106,3 +106,25 @@ def test_wrong_or_bad_kek_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PHIAUDIT_KEK_FILE", str(inside))
     with pytest.raises(ConfigError, match="inside the data directory"):
         KeyRing.open(data)
+
+
+def test_kms_plug_in_wraps_the_key_ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.storage import fake_kms
+
+    monkeypatch.delenv("PHIAUDIT_KEK", raising=False)
+    monkeypatch.setenv("PHIAUDIT_KMS", "tests.storage.fake_kms:make")
+    data = tmp_path / "data"
+    ring = KeyRing.open(data)
+    assert fake_kms.CALLS["wrap"] >= 2
+    assert not default_kek_path(data).exists()  # no local key-encryption key at all
+    blob = FieldCipher(ring).encrypt("patient_id", b"\x02" * 16, "p-kms")
+    again = KeyRing.open(data)
+    assert fake_kms.CALLS["unwrap"] >= 2
+    assert FieldCipher(again).decrypt("patient_id", blob) == b"p-kms"
+    # another KMS key cannot open it, and says so in one line
+    monkeypatch.setenv("FAKE_KMS_SEED", "another")
+    with pytest.raises(ConfigError, match=r"could not open|does not open"):
+        KeyRing.open(data)
+    monkeypatch.setenv("PHIAUDIT_KMS", "tests.storage.no_such_module:make")
+    with pytest.raises(ConfigError, match="cannot load the KMS plug-in"):
+        KeyRing.open(data)

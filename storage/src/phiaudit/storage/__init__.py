@@ -18,7 +18,18 @@ from ._checkpoint import (
     store_checkpoint,
 )
 from ._credentials import ROLES, Credentials, Principal
-from ._crypto import ENV_KEK, ENV_KEK_FILE, BlindIndex, FieldCipher, KeyRing, default_kek_path
+from ._crypto import (
+    ENV_KEK,
+    ENV_KEK_FILE,
+    ENV_KMS,
+    BlindIndex,
+    FieldCipher,
+    KeyRing,
+    KeyWrapper,
+    LocalKek,
+    default_kek_path,
+    key_wrapper,
+)
 from ._errors import (
     AccessDenied,
     ConfigError,
@@ -63,6 +74,7 @@ __all__ = [
     "ENCRYPTED_COLUMNS",
     "ENV_KEK",
     "ENV_KEK_FILE",
+    "ENV_KMS",
     "GENESIS",
     "ROLES",
     "SCHEMA_VERSION",
@@ -85,6 +97,8 @@ __all__ = [
     "Finding",
     "IntegrityError",
     "KeyRing",
+    "KeyWrapper",
+    "LocalKek",
     "Overloaded",
     "PermanentError",
     "PhiAuditError",
@@ -107,6 +121,7 @@ __all__ = [
     "default_anchor_dir",
     "default_kek_path",
     "inclusion_proof",
+    "key_wrapper",
     "leaf_hash",
     "leaf_sql",
     "link_rows",

@@ -45,10 +45,9 @@ from urllib.parse import quote, unquote
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ._crypto import _write_private, load_kek
+from ._crypto import _write_private, key_wrapper, unwrap_or_fail
 from ._errors import ConfigError, IntegrityError
 from ._schema import CHECKPOINT_COLUMNS
 
@@ -172,14 +171,13 @@ class SigningKey:
     def open(cls, data_dir: Path, *, create: bool = True) -> SigningKey:
         path = cls.path(data_dir)
         with cls._lock:
-            kek = AESGCM(load_kek(Path(data_dir), create=False))
+            kek = key_wrapper(Path(data_dir), create=False)
             if not path.exists():
                 if not create:
                     raise ConfigError(f"no checkpoint signing key at {path}")
                 key = cls(Ed25519PrivateKey.generate())
                 raw = key._private.private_bytes_raw()
-                nonce = os.urandom(12)
-                wrapped = nonce + kek.encrypt(nonce, raw, _WRAP_AAD + key.key_id.encode())
+                wrapped = kek.wrap(raw, _WRAP_AAD + key.key_id.encode())
                 doc = {"version": 1, "keys": [{
                     "id": key.key_id, "algorithm": "ed25519",
                     "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -190,8 +188,8 @@ class SigningKey:
             try:
                 entry = json.loads(path.read_text())["keys"][-1]
                 wrapped = base64.b64decode(entry["wrapped"])
-                raw = kek.decrypt(wrapped[:12], wrapped[12:],
-                                  _WRAP_AAD + str(entry["id"]).encode())
+                raw = unwrap_or_fail(kek, wrapped, _WRAP_AAD + str(entry["id"]).encode(),
+                                     "the signing key")
                 key = cls(Ed25519PrivateKey.from_private_bytes(raw))
             except InvalidTag as exc:
                 raise ConfigError("the key-encryption key does not open the signing key") from exc

@@ -36,12 +36,14 @@ import binascii
 import datetime as _dt
 import hashlib
 import hmac as _hmac
+import importlib
 import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,10 +53,14 @@ from ._errors import ConfigError, IntegrityError
 __all__ = [
     "ENV_KEK",
     "ENV_KEK_FILE",
+    "ENV_KMS",
     "BlindIndex",
     "FieldCipher",
     "KeyRing",
+    "KeyWrapper",
+    "LocalKek",
     "default_kek_path",
+    "key_wrapper",
 ]
 
 _log = logging.getLogger("phiaudit.storage.keys")
@@ -63,6 +69,8 @@ _log = logging.getLogger("phiaudit.storage.keys")
 ENV_KEK = "PHIAUDIT_KEK"
 #: Environment variable naming a file that holds the key-encryption key.
 ENV_KEK_FILE = "PHIAUDIT_KEK_FILE"
+#: Environment variable naming a KMS plug-in, ``package.module:factory``.
+ENV_KMS = "PHIAUDIT_KMS"
 
 _VERSION = 1
 _HEADER = 1 + 4 + 16 + 12
@@ -149,6 +157,65 @@ class _Key:
         return f"_Key(key_id={self.key_id}, purpose={self.purpose!r}, material=[REDACTED])"
 
 
+class KeyWrapper(Protocol):
+    """Wraps and unwraps keys with the key-encryption key, wherever that key lives.
+
+    The built-in ``LocalKek`` holds a 256-bit key given by the environment or a file. A KMS
+    (cloud or HSM) plugs in through ``$PHIAUDIT_KMS = "package.module:factory"``: the factory
+    returns an object with these two methods, which call the KMS; the key-encryption key then
+    never enters this process. ``aad`` must be bound to the wrapped blob (AEAD).
+    """
+
+    def wrap(self, key: bytes, aad: bytes) -> bytes: ...
+
+    def unwrap(self, blob: bytes, aad: bytes) -> bytes: ...
+
+
+class LocalKek:
+    """A key-encryption key held in this process: AES-256-GCM, ``nonce || ciphertext+tag``."""
+
+    def __init__(self, kek: bytes) -> None:
+        self._aead = AESGCM(kek)
+
+    def __repr__(self) -> str:
+        return "LocalKek([REDACTED])"
+
+    def wrap(self, key: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, key, aad)
+
+    def unwrap(self, blob: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(blob[:12], blob[12:], aad)
+
+
+def key_wrapper(data_dir: Path, *, create: bool) -> KeyWrapper:
+    """The configured key wrapper: a KMS plug-in (``$PHIAUDIT_KMS``) or the local KEK."""
+    spec = os.environ.get(ENV_KMS)
+    if spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr or "make_key_wrapper")
+            wrapper = factory()
+        except Exception as exc:
+            raise ConfigError(f"{ENV_KMS}: cannot load the KMS plug-in {spec!r}") from exc
+        if not callable(getattr(wrapper, "wrap", None)) or not callable(
+                getattr(wrapper, "unwrap", None)):
+            raise ConfigError(f"{ENV_KMS}: the plug-in must provide wrap() and unwrap()")
+        return wrapper  # type: ignore[no-any-return]
+    return LocalKek(load_kek(data_dir, create=create))
+
+
+def unwrap_or_fail(wrapper: KeyWrapper, blob: bytes, aad: bytes, what: str) -> bytes:
+    """Unwrap, mapping every failure (wrong key, KMS error) to one clear ConfigError."""
+    try:
+        return wrapper.unwrap(blob, aad)
+    except InvalidTag:
+        raise ConfigError(f"the key-encryption key does not open {what} (wrong key?)") from None
+    except Exception as exc:
+        raise ConfigError(f"the key-encryption key could not open {what} "
+                          f"({type(exc).__name__})") from None
+
+
 class KeyRing:
     """Data keys and index keys, wrapped by the KEK, kept in ``DATA_DIR/keys/keyring.json``.
 
@@ -156,9 +223,9 @@ class KeyRing:
     still be read.
     """
 
-    def __init__(self, path: Path, kek: bytes, keys: list[_Key]) -> None:
+    def __init__(self, path: Path, wrapper: KeyWrapper, keys: list[_Key]) -> None:
         self._path = path
-        self._kek = AESGCM(kek)
+        self._wrapper = wrapper
         self._keys = {k.key_id: k for k in keys}
         self._lock = threading.Lock()
 
@@ -169,31 +236,27 @@ class KeyRing:
     def open(cls, data_dir: Path, *, create: bool = True) -> KeyRing:
         data_dir = Path(data_dir)
         path = data_dir / "keys" / "keyring.json"
-        kek = load_kek(data_dir, create=create and not path.exists())
+        wrapper = key_wrapper(data_dir, create=create and not path.exists())
         if not path.exists():
             if not create:
                 raise ConfigError(f"no key ring at {path}")
-            ring = cls(path, kek, [])
+            ring = cls(path, wrapper, [])
             ring._add("data")
             ring._add("index")
             ring._save()
             return ring
         try:
             doc = json.loads(path.read_text())
-            keys: list[_Key] = []
-            aead = AESGCM(kek)
-            for entry in doc["keys"]:
-                wrapped = base64.b64decode(entry["wrapped"])
-                aad = _WRAP_AAD + f"{entry['purpose']}|{entry['id']}".encode()
-                material = aead.decrypt(wrapped[:12], wrapped[12:], aad)
-                keys.append(_Key(int(entry["id"]), entry["purpose"], entry["created"], material))
-        except InvalidTag as exc:
-            raise ConfigError(
-                "the key-encryption key does not open this key ring (wrong key?)"
-            ) from exc
+            entries = [(base64.b64decode(e["wrapped"]), e["purpose"], int(e["id"]), e["created"])
+                       for e in doc["keys"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: unreadable key ring") from exc
-        return cls(path, kek, keys)
+        keys: list[_Key] = []
+        for wrapped, purpose, key_id, created in entries:
+            aad = _WRAP_AAD + f"{purpose}|{key_id}".encode()
+            material = unwrap_or_fail(wrapper, wrapped, aad, "this key ring")
+            keys.append(_Key(key_id, purpose, created, material))
+        return cls(path, wrapper, keys)
 
     def _add(self, purpose: str) -> _Key:
         key_id = max(self._keys, default=0) + 1
@@ -205,9 +268,8 @@ class KeyRing:
     def _save(self) -> None:
         entries = []
         for key in sorted(self._keys.values(), key=lambda k: k.key_id):
-            nonce = os.urandom(12)
             aad = _WRAP_AAD + f"{key.purpose}|{key.key_id}".encode()
-            wrapped = nonce + self._kek.encrypt(nonce, key.material, aad)
+            wrapped = self._wrapper.wrap(key.material, aad)
             entries.append({
                 "id": key.key_id, "purpose": key.purpose, "created": key.created,
                 "wrapped": base64.b64encode(wrapped).decode(),

@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import clickhouse_connect
-
 from phiaudit.storage import (
     AUDIT_COLUMNS,
     CHECKPOINT_COLUMNS,
     Checkpoint,
     CompactRange,
     SigningKey,
+    admin_client,
     canonical_encoder,
     leaf_hash,
 )
@@ -74,7 +73,7 @@ def _relink(rows: list[list[Any]], start: int) -> None:
 
 
 def main(data_dir: Path, scenario: str, arg: int) -> dict[str, Any]:
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
+    client = admin_client(data_dir)
     writer = (data_dir / "writer_id").read_text().strip()
     rows = _rows(client, writer)
     eid = {int(r[NAMES.index("seq")]): str(r[0]) for r in rows}

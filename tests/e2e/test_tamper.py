@@ -254,9 +254,9 @@ def test_prove_gives_a_proof_a_third_party_can_check(store_copy: Path) -> None:
     # an event id, read with an engine of its own (the store is not running)
     ids = subprocess.run(
         [sys.executable, "-c",
-         "import clickhouse_connect,sys;c=clickhouse_connect.get_client(dsn='chdb://'+sys.argv[1]);"
+         "import sys;from phiaudit.storage import admin_client;c=admin_client(sys.argv[1]);"
          "print(c.query(\"SELECT toString(event_id) FROM phiaudit.audit_events WHERE seq=37\")"
-         ".result_rows[0][0])", str(store_copy / "clickhouse")],
+         ".result_rows[0][0])", str(store_copy)],
         capture_output=True, text=True, timeout=120, env=cli_env(), check=True).stdout.strip()
     out = run_cli("prove", "--data-dir", str(store_copy), ids)
     assert out.returncode == 0, out.stderr

@@ -27,8 +27,9 @@ def _insert_old_rows(data_dir: Path, year: int, n: int) -> None:
     """Rows from `year` (event and receipt), written by an administrator engine: the only way
     to have data that is really six years old in a test. The service is stopped."""
     code = textwrap.dedent(f"""
-        import uuid, clickhouse_connect
-        c = clickhouse_connect.get_client(dsn="chdb://{data_dir / 'clickhouse'}")
+        import uuid
+        from phiaudit.storage import admin_client
+        c = admin_client("{data_dir}")
         t = c.query("SELECT toUnixTimestamp64Micro("
                     "toDateTime64('{year}-03-15 10:00:00', 6, 'UTC'))").result_rows[0][0]
         rows = [[uuid.uuid4(), t, t, 'read', 'success', 'old-writer', i + 1] for i in range({n})]
@@ -126,7 +127,8 @@ def test_keys_status_and_rotation_keep_old_rows_readable(tmp_path: Path) -> None
     env = cli_env(PHIAUDIT_TOKEN=admin)
     status = run_cli("keys", "--data-dir", str(data), "status", env=env)
     assert status.returncode == 0 and "data" in status.stdout and "index" in status.stdout
-    assert "[REDACTED]" not in status.stdout and len(status.stdout.splitlines()) == 2
+    assert "disk" in status.stdout
+    assert "[REDACTED]" not in status.stdout and len(status.stdout.splitlines()) == 3
     nobody = run_cli("keys", "--data-dir", str(data), "rotate", env=cli_env())
     assert nobody.returncode == 2
     rotated = run_cli("keys", "--data-dir", str(data), "rotate", env=env)

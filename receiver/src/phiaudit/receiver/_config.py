@@ -39,6 +39,7 @@ class ServiceConfig:
     ack_timeout_ms: int = 5_000
     retry_after_ms: int = 1_000
     spool_max_bytes: int = 1 << 30
+    disk_encryption: bool = True
     workers: int = -1
     worker_min_bytes: int = 64 * 1024
     sensitive_attributes: list[str] = field(
@@ -124,6 +125,8 @@ class ServiceConfig:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \
                 not -1 <= self.workers <= 64:
             errors.append("workers: -1 (one per core), 0 (in process) or 1 to 64")
+        if not isinstance(self.disk_encryption, bool):
+            errors.append("disk_encryption: true or false")
         if not isinstance(self.spool_max_bytes, int) or isinstance(self.spool_max_bytes, bool) \
                 or self.spool_max_bytes < 0:
             errors.append("spool_max_bytes: an integer >= 0 (0: no local spool)")

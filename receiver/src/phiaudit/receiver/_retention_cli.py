@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from phiaudit.storage._retention import (
     list_partitions,
     plan_purge,
 )
+from phiaudit.storage._store import disk_key_env
 
 __all__ = ["add_parsers", "run_keys", "run_retention"]
 
@@ -176,10 +178,12 @@ def _purge(local: Any, local_factory: Any, who: Any, args: argparse.Namespace) -
         return 2 if refused else 0
     data_dir, database = str(local.data_dir), local.config.database
     local.close()
+    env = dict(os.environ)
+    env.update(disk_key_env(Path(data_dir)))  # the engine's disk key, for that process only
     proc = subprocess.run(  # noqa: S603 - our interpreter, our module, validated names
         [sys.executable, "-m", "phiaudit.storage._purge", data_dir, database,
          *(f"{p.table}:{p.partition_id}" for p in allowed)],
-        capture_output=True, text=True, timeout=600, check=False)
+        capture_output=True, text=True, timeout=600, check=False, env=env)
     dropped = set(json.loads(proc.stdout).get("dropped", [])) if proc.returncode == 0 else set()
     after = local_factory()
     try:

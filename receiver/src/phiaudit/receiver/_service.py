@@ -92,7 +92,8 @@ class _Local:
         self.location = StoreLocation(
             data_dir=None if config.clickhouse_url else self.data_dir,
             url=config.clickhouse_url or None, database=config.database,
-            ca_file=config.clickhouse_ca_file or None)
+            ca_file=config.clickhouse_ca_file or None,
+            disk_encryption=config.disk_encryption)
         if self.location.embedded:
             migrate(self.location)  # admin engine in a child process, before ours opens
         store = Store.open(self.location)

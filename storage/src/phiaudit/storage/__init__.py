@@ -61,7 +61,7 @@ from ._schema import (
 )
 from ._senders import SenderTokens
 from ._spool import BatchSpool, SpoolFull
-from ._store import Store, StoreLocation, migrate
+from ._store import ENCRYPTED_POLICY, Store, StoreLocation, admin_client, migrate
 from ._verify import CHAINED_TABLES, Finding, VerifyReport, leaf_sql, verify
 from ._writer import BatchWriter, Overloaded, TableSpec, WriterStats
 
@@ -72,6 +72,7 @@ __all__ = [
     "CHAINED_TABLES",
     "CHECKPOINT_COLUMNS",
     "ENCRYPTED_COLUMNS",
+    "ENCRYPTED_POLICY",
     "ENV_KEK",
     "ENV_KEK_FILE",
     "ENV_KMS",
@@ -115,6 +116,7 @@ __all__ = [
     "TableSpec",
     "VerifyReport",
     "WriterStats",
+    "admin_client",
     "canonical_encoder",
     "check_statement",
     "consistency_proof",

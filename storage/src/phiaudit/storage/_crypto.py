@@ -290,6 +290,17 @@ class KeyRing:
             raise ConfigError(f"key ring has no {purpose} key")
         return max(keys, key=lambda k: k.key_id)
 
+    def disk_key(self) -> bytes:
+        """The key of the embedded store's encrypted disk (AES-256-CTR), created on first use.
+        It is not rotated in place: ClickHouse keeps the first key of a table's files, so a new
+        disk key means copying the tables."""
+        with self._lock:
+            keys = [k for k in self._keys.values() if k.purpose == "disk"]
+            if not keys:
+                keys = [self._add("disk")]
+                self._save()
+        return min(keys, key=lambda k: k.key_id).material
+
     def get(self, key_id: int) -> _Key:
         try:
             return self._keys[key_id]

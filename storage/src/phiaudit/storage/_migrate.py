@@ -1,7 +1,8 @@
 """Child-process entry point: run the schema migrations with the administrator engine.
 
-``python -m phiaudit.storage._migrate DATA_DIR DATABASE``. Used by ``migrate()`` before the
-restricted engine is opened in the service process (one engine per process).
+``python -m phiaudit.storage._migrate DATA_DIR DATABASE [STORAGE_POLICY]``. Used by
+``migrate()`` before the restricted engine is opened in the service process (one engine per
+process). The encrypted disk's key comes from the parent, in the environment.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ def main(argv: list[str]) -> int:
     import clickhouse_connect
 
     from ._schema import SCHEMA_VERSION, migration_statements
+    from ._store import write_engine_config
 
     data_dir = Path(argv[0]).resolve()
     database = argv[1]
+    policy = argv[2] if len(argv) > 2 and argv[2] else None
     (data_dir / "clickhouse").mkdir(parents=True, exist_ok=True, mode=0o700)
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
-    for stmt in migration_statements(database):
+    # the disk key comes from the parent, in the environment; this process needs no KEK
+    config = write_engine_config(data_dir, database, restricted=False)
+    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
+                                           chdb_options={"config-file": str(config)})
+    for stmt in migration_statements(database, storage_policy=policy):
         client.command(stmt)
     done = client.query(f"SELECT count() FROM `{database}`.schema_migrations "
                         "WHERE version = {v:UInt32}", parameters={"v": SCHEMA_VERSION})

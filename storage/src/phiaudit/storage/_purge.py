@@ -27,7 +27,11 @@ def main(argv: list[str]) -> int:
             not _NAME.match(t) or not _PART.match(p) for t, p in targets):
         print("purge error: bad table or partition name", file=sys.stderr)
         return 2
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
+    from ._store import write_engine_config
+
+    config = write_engine_config(data_dir, database, restricted=False)
+    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
+                                           chdb_options={"config-file": str(config)})
     dropped = []
     for table, partition in targets:
         client.command(f"ALTER TABLE `{database}`.`{table}` DROP PARTITION ID '{partition}'",

@@ -162,13 +162,19 @@ def _cols(columns: list[Column]) -> str:
     return ",\n".join(out)
 
 
-_MERGE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
+_BASE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
 
 
-def migration_statements(db: str) -> list[str]:
-    """Idempotent DDL that brings database ``db`` to SCHEMA_VERSION."""
+def migration_statements(db: str, storage_policy: str | None = None) -> list[str]:
+    """Idempotent DDL that brings database ``db`` to SCHEMA_VERSION; new tables go on
+    ``storage_policy`` when given (the embedded store's encrypted disk)."""
     if not db.replace("_", "").isalnum():
         raise ValueError("database name must be alphanumeric")
+    if storage_policy is not None and not storage_policy.replace("_", "").isalnum():
+        raise ValueError("storage policy name must be alphanumeric")
+    policy = f", storage_policy = '{storage_policy}'" if storage_policy else ""
+    plain = f"SETTINGS storage_policy = '{storage_policy}'" if storage_policy else ""
+    merge_settings = _BASE_SETTINGS + policy
     return [
         f"CREATE DATABASE IF NOT EXISTS `{db}`",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.audit_events (
@@ -180,14 +186,14 @@ def migration_statements(db: str) -> list[str]:
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
-{_MERGE_SETTINGS}
+{merge_settings}
 COMMENT 'PHI audit events: append-only, encrypted PHI, hash-chained per writer, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.access_log (
 {_cols(ACCESS_LOG_COLUMNS)}
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
-{_MERGE_SETTINGS}
+{merge_settings}
 COMMENT 'every read of the audit trail through phiaudit: append-only, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.otel_traces (
 {_cols(TRACE_COLUMNS)},
@@ -195,7 +201,7 @@ COMMENT 'every read of the audit trail through phiaudit: append-only, no TTL'"""
 ) ENGINE = MergeTree
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
-{_MERGE_SETTINGS}""",
+{merge_settings}""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.otel_traces_trace_id_ts (
     TraceId String,
     Start DateTime,
@@ -203,7 +209,8 @@ ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
     INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1
 ) ENGINE = MergeTree
 PARTITION BY toDate(Start)
-ORDER BY (TraceId, Start)""",
+ORDER BY (TraceId, Start)
+{plain}""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.otel_traces_trace_id_ts_mv
 TO `{db}`.otel_traces_trace_id_ts AS
 SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
@@ -213,16 +220,17 @@ FROM `{db}`.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (origin, writer_id, tree_size, time)
-{_MERGE_SETTINGS}
+{merge_settings}
 COMMENT 'signed Merkle checkpoints of the hash chains: append-only, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.legal_holds (
 {_cols(HOLD_COLUMNS)}
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (hold_id, time)
-{_MERGE_SETTINGS}
+{merge_settings}
 COMMENT 'legal holds: placing and releasing are both appended; no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
-) ENGINE = MergeTree ORDER BY version""",
+) ENGINE = MergeTree ORDER BY version
+{plain}""",
     ]

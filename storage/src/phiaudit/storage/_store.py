@@ -15,6 +15,7 @@ processes go through the service.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -29,7 +30,15 @@ from urllib.parse import unquote, urlsplit
 from ._errors import ConfigError, PermanentError, StorageUnavailable
 from ._schema import SCHEMA_VERSION, Column, migration_statements
 
-__all__ = ["Store", "StoreLocation", "migrate"]
+__all__ = [
+    "ENCRYPTED_POLICY",
+    "Store",
+    "StoreLocation",
+    "admin_client",
+    "disk_key_env",
+    "migrate",
+    "write_engine_config",
+]
 
 _log = logging.getLogger("phiaudit.storage")
 
@@ -66,10 +75,76 @@ _USERS_XML = """<clickhouse>
 """
 
 _CONFIG_XML = """<clickhouse>
-  <users_config>{users}</users_config>
-  <logger><level>error</level><console>0</console></logger>
+{users}  <logger><level>error</level><console>0</console></logger>
+  <storage_configuration>
+    <disks>
+      <phiaudit_plain><type>local</type><path>{plain}/</path></phiaudit_plain>
+      <phiaudit_encrypted>
+        <type>encrypted</type>
+        <disk>phiaudit_plain</disk>
+        <path>encrypted/</path>
+        <algorithm>AES_256_CTR</algorithm>
+        <key_hex id="1" from_env="{env}"/>
+        <current_key_id>1</current_key_id>
+      </phiaudit_encrypted>
+    </disks>
+    <policies>
+      <phiaudit_encrypted><volumes><main><disk>phiaudit_encrypted</disk></main></volumes>
+      </phiaudit_encrypted>
+    </policies>
+  </storage_configuration>
 </clickhouse>
 """
+
+#: The storage policy of the embedded store's tables: an AES-256-CTR encrypted disk.
+ENCRYPTED_POLICY = "phiaudit_encrypted"
+_DISK_ENV_PREFIX = "PHIAUDIT_DISK_KEY_"
+
+
+def _disk_env_name(data_dir: Path) -> str:
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return _DISK_ENV_PREFIX + digest.upper()
+
+
+def disk_key_env(data_dir: Path) -> dict[str, str]:
+    """The encrypted disk's key, from the key ring, as the engine reads it (an environment
+    variable named after the data directory). Never written to a file in clear."""
+    from ._crypto import KeyRing
+
+    key = KeyRing.open(Path(data_dir)).disk_key()
+    return {_disk_env_name(data_dir): key.hex()}
+
+
+def write_engine_config(data_dir: Path, database: str, *, restricted: bool) -> Path:
+    """The engine's configuration: the encrypted disk always; for the service's own engine
+    also the restricted user (SELECT and INSERT only)."""
+    data_dir = Path(data_dir).resolve()
+    cfg_dir = data_dir / "config"
+    cfg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    plain = data_dir / "clickhouse-disks" / "plain"
+    plain.mkdir(parents=True, exist_ok=True, mode=0o700)
+    users = ""
+    if restricted:
+        users_file = cfg_dir / "users.xml"
+        users_file.write_text(_USERS_XML.format(db=database))
+        users = f"  <users_config>{users_file}</users_config>\n"
+    config = cfg_dir / ("config.xml" if restricted else "admin.xml")
+    config.write_text(_CONFIG_XML.format(users=users, plain=plain,
+                                         env=_disk_env_name(data_dir)))
+    return config
+
+
+def admin_client(data_dir: Path, database: str = "phiaudit") -> Any:
+    """An unrestricted embedded engine over ``data_dir`` (migrations, purges, and tools that
+    must be able to alter data, such as tamper tests). Needs the key-encryption key."""
+    import clickhouse_connect
+
+    data_dir = Path(data_dir).resolve()
+    os.environ.update(disk_key_env(data_dir))
+    config = write_engine_config(data_dir, database, restricted=False)
+    (data_dir / "clickhouse").mkdir(parents=True, exist_ok=True, mode=0o700)
+    return clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
+                                         chdb_options={"config-file": str(config)})
 
 
 @dataclass(frozen=True)
@@ -82,6 +157,8 @@ class StoreLocation:
     #: PEM file of the CA(s) that sign the ClickHouse server's certificate (https only);
     #: default ``$PHIAUDIT_CLICKHOUSE_CA_FILE``, else the system / certifi roots
     ca_file: str | None = None
+    #: embedded only: new tables on an AES-256-CTR encrypted disk keyed from the key ring
+    disk_encryption: bool = True
 
     def __repr__(self) -> str:
         return (f"StoreLocation(data_dir={self.data_dir!r}, url={_redact_url(self.url)!r}, "
@@ -124,10 +201,12 @@ def migrate(location: StoreLocation) -> None:
     """Create or upgrade the schema. Embedded: in a child process with the admin engine."""
     if location.embedded:
         assert location.data_dir is not None
+        env = dict(os.environ)
+        env.update(disk_key_env(location.data_dir))
         proc = subprocess.run(  # noqa: S603 - our own interpreter and module, no shell
             [sys.executable, "-m", "phiaudit.storage._migrate", str(location.data_dir),
-             location.database],
-            capture_output=True, text=True, timeout=300, check=False,
+             location.database, ENCRYPTED_POLICY if location.disk_encryption else ""],
+            capture_output=True, text=True, timeout=300, check=False, env=env,
         )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -173,16 +252,6 @@ def _server_client(location: StoreLocation) -> Any:
         raise _map_error(exc, "connect") from exc
 
 
-def _write_config(data_dir: Path, database: str) -> Path:
-    cfg_dir = data_dir / "config"
-    cfg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    users = cfg_dir / "users.xml"
-    users.write_text(_USERS_XML.format(db=database))
-    config = cfg_dir / "config.xml"
-    config.write_text(_CONFIG_XML.format(users=users))
-    return config
-
-
 class Store:
     """A connection that may only INSERT and SELECT. Thread-safe: calls are serialized."""
 
@@ -200,7 +269,9 @@ class Store:
 
             assert location.data_dir is not None
             data_dir = Path(location.data_dir).resolve()
-            config = _write_config(data_dir, location.database)
+            config = write_engine_config(data_dir, location.database, restricted=True)
+            env = disk_key_env(data_dir)
+            os.environ.update(env)
             try:
                 client = clickhouse_connect.get_client(
                     dsn=f"chdb://{data_dir / 'clickhouse'}",
@@ -209,6 +280,10 @@ class Store:
                 )
             except Exception as exc:
                 raise _map_error(exc, "open the embedded store") from exc
+            finally:
+                # the engine has read the key; processes started later do not inherit it
+                for name in env:
+                    os.environ.pop(name, None)
             return cls(client, location)
         return cls(_server_client(location), location)
 

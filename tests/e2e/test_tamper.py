@@ -71,8 +71,14 @@ def _tamper(data_dir: Path, scenario: str, arg: int = 0) -> dict[str, Any]:
     return out
 
 
+def _reader_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a reader: the store's initial security credential."""
+    token = (data_dir / "credentials" / "admin.token").read_text().strip()
+    return cli_env(PHIAUDIT_TOKEN=token)
+
+
 def _verify(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    res = run_cli("verify", "--data-dir", str(data_dir), *flags)
+    res = run_cli("verify", "--data-dir", str(data_dir), *flags, env=_reader_env(data_dir))
     assert PATIENT not in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     return res
@@ -107,8 +113,9 @@ def test_clean_store_verifies_ok_with_counts(store_copy: Path) -> None:
     assert "[#" not in res.stderr
     py = _verify(store_copy, "--mode", "python")
     assert py.returncode == 0 and "in Python" in py.stdout
+    # each verify is itself recorded in access_log (one more row of the command line's writer)
     win = _verify(store_copy, "--since", "2000-01-01", "--until", "2999-01-01T00:00:00+00:00")
-    assert win.returncode == 0 and win.stdout.startswith(f"OK: {ROWS} rows")
+    assert win.returncode == 0 and win.stdout.startswith(f"OK: {ROWS + 2} rows of 2 writer")
     empty = _verify(store_copy, "--until", "2000-01-01")
     assert empty.returncode == 0 and empty.stdout.startswith("OK: 0 rows")
 
@@ -258,7 +265,7 @@ def test_prove_gives_a_proof_a_third_party_can_check(store_copy: Path) -> None:
          "print(c.query(\"SELECT toString(event_id) FROM phiaudit.audit_events WHERE seq=37\")"
          ".result_rows[0][0])", str(store_copy)],
         capture_output=True, text=True, timeout=120, env=cli_env(), check=True).stdout.strip()
-    out = run_cli("prove", "--data-dir", str(store_copy), ids)
+    out = run_cli("prove", "--data-dir", str(store_copy), ids, env=_reader_env(store_copy))
     assert out.returncode == 0, out.stderr
     assert PATIENT not in out.stdout
     proof = json.loads(out.stdout)
@@ -272,7 +279,7 @@ def test_prove_gives_a_proof_a_third_party_can_check(store_copy: Path) -> None:
     bad = dict(proof, inclusion_path=list(reversed(proof["inclusion_path"])))
     assert not _independent_check(bad)
     unknown = run_cli("prove", "--data-dir", str(store_copy),
-                      "00000000-0000-0000-0000-000000000001")
+                      "00000000-0000-0000-0000-000000000001", env=_reader_env(store_copy))
     assert unknown.returncode == 1 and "no event" in unknown.stderr
 
 
@@ -284,7 +291,8 @@ def test_progress_bar_only_on_a_terminal(store_copy: Path) -> None:
     try:
         proc = subprocess.run([sys.executable, "-m", "phiaudit.receiver", "verify",
                                "--data-dir", str(store_copy)], stdout=subprocess.PIPE,
-                              stderr=sub, text=True, timeout=120, env=cli_env(), check=False)
+                              stderr=sub, text=True, timeout=120,
+                              env=_reader_env(store_copy), check=False)
         os.close(sub)
         seen = b""
         while True:
@@ -312,3 +320,21 @@ def test_verify_refuses_a_data_dir_the_service_holds(tmp_path: Path) -> None:
         assert svc.stop() == 0
     after = _verify(svc.data_dir)
     assert after.returncode == 0 and after.stdout.startswith("OK: 0 rows")
+
+
+def test_verify_and_prove_need_a_reader_credential_and_are_recorded(store_copy: Path) -> None:
+    for command in (["verify"], ["prove", "00000000-0000-0000-0000-000000000001"]):
+        for env in (cli_env(), cli_env(PHIAUDIT_TOKEN="phia_not-a-token")):
+            res = run_cli(command[0], "--data-dir", str(store_copy), *command[1:], env=env)
+            assert res.returncode == 2, res.stderr
+            assert res.stdout == "" and "Traceback" not in res.stderr
+    ok = _verify(store_copy)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    log = run_cli("sql", "--data-dir", str(store_copy), "--format", "csv", "--decrypt",
+                  "SELECT event_id, outcome, statement FROM access_log "
+                  "WHERE interface = 'direct' ORDER BY seq", env=_reader_env(store_copy))
+    assert log.returncode == 0, log.stderr
+    lines = [line.split(",", 1)[1] for line in log.stdout.splitlines()[1:]]
+    assert lines.count("denied,phiaudit verify") == 2
+    assert lines.count("denied,phiaudit prove") == 2
+    assert "ok,phiaudit verify" in lines

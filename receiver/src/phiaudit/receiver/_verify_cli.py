@@ -69,6 +69,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("event_id")
     p.add_argument("--anchor", metavar="DIR",
                    help="checkpoint anchor directory (default DATA_DIR.anchor/)")
+    for parser in (v, p):
+        parser.add_argument("--token-file",
+                            help="file holding the credential (default $PHIAUDIT_TOKEN)")
 
 
 def _time(value: str | None, what: str) -> _dt.datetime | None:
@@ -105,6 +108,62 @@ def _open(args: argparse.Namespace, data_dir: str) -> tuple[Any, Path]:
     if url is None:
         migrate(location)  # an older store gets its checkpoints table
     return Store.open(location), ddir
+
+
+def _authorize(args: argparse.Namespace, store: Any, ddir: Path, what: str) -> Any:
+    """Reading the trail needs a reader credential, and the read is recorded in access_log,
+    refused ones too. Returns ``record(rows)``, to be called before anything is shown (fail
+    closed); the record comes after the check, so that verify's counts are those of the trail
+    as it was asked about."""
+    from phiaudit.storage import (
+        ACCESS_LOG_COLUMNS,
+        ROLES,
+        AccessDenied,
+        AccessRecord,
+        BatchWriter,
+        BlindIndex,
+        Credentials,
+        FieldCipher,
+        KeyRing,
+        Principal,
+        RecordEncoder,
+        TableSpec,
+    )
+
+    from ._service import writer_identity
+
+    token = os.environ.get("PHIAUDIT_TOKEN", "")
+    if getattr(args, "token_file", None):
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise AccessDenied(f"cannot read the token file ({exc.strerror})") from None
+    who, outcome, reason = Principal("(unauthenticated)", ""), "ok", ""
+    try:
+        who = Credentials(ddir).authenticate(token)
+        if who.role not in ROLES:
+            raise AccessDenied("this role may not read the audit trail")
+    except AccessDenied as exc:
+        outcome, reason = "denied", str(exc)
+
+    def record(rows: int) -> None:
+        ring = KeyRing.open(ddir, create=False)
+        encoder = RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+        writer = BatchWriter(store, writer_identity(ddir) + "/cli",
+                             [TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True)])
+        writer.start()
+        try:
+            entry = AccessRecord(who.name, who.role, "direct", f"phiaudit {what}", False, rows,
+                                 outcome, reason)
+            now = int(_dt.datetime.now(_dt.UTC).timestamp() * 1_000_000)
+            writer.submit(None, {"access_log": [encoder.access_row(entry, now)]}).result(60)
+        finally:
+            writer.shutdown()
+
+    if outcome != "ok":
+        record(0)
+        raise AccessDenied(reason)
+    return record
 
 
 def _anchor(args: argparse.Namespace, ddir: Path) -> Any:
@@ -146,6 +205,7 @@ def cmd_verify(args: argparse.Namespace, data_dir: str) -> int:
     since, until = _time(args.since, "--since"), _time(args.until, "--until")
     store, ddir = _open(args, data_dir)
     try:
+        record = _authorize(args, store, ddir, "verify")
         anchor = _anchor(args, ddir)
         progress = _Progress()
         try:
@@ -153,6 +213,7 @@ def cmd_verify(args: argparse.Namespace, data_dir: str) -> int:
                             until=until, mode=args.mode, progress=progress)
         finally:
             progress.end()
+        record(report.rows)
     finally:
         store.close()
     counts = (f"{report.rows} rows of {report.writers} writer(s), {report.checkpoints} stored "
@@ -190,6 +251,7 @@ def cmd_prove(args: argparse.Namespace, data_dir: str) -> int:
         raise ConfigError("EVENT_ID: expected a UUID") from None
     store, ddir = _open(args, data_dir)
     try:
+        _authorize(args, store, ddir, "prove")(1)
         anchor = _anchor(args, ddir)
         if anchor is None:
             raise PhiAuditError("no anchor directory: nothing to prove against")

@@ -33,6 +33,26 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _workers(pid: int) -> list[int]:
+    out = []
+    for child in _children(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _send(address: str, n: int, tag: str) -> None:
     provider = tracer_provider(address)
     tracer = provider.get_tracer("ehr")
@@ -64,15 +84,8 @@ def test_worker_processes_store_the_same_rows(tmp_path: Path) -> None:
 
         # a worker dies: the request in flight gets UNAVAILABLE, the exporter retries, the
         # pool is restarted, nothing is lost or doubled
-        for pid in _children(svc.proc.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"forkserver" not in cmd:
-                continue
-            for worker in _children(pid):
-                os.kill(worker, signal.SIGKILL)
+        for worker in _workers(svc.proc.pid):
+            os.kill(worker, signal.SIGKILL)
         time.sleep(0.5)
         _send(svc.address, 10, "after")
         count = svc.rows("SELECT count() AS n, uniqExact(event_id) AS u FROM audit_events "
@@ -82,3 +95,19 @@ def test_worker_processes_store_the_same_rows(tmp_path: Path) -> None:
         assert svc.proc.poll() is None
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+def test_workers_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
+    cfg = tmp_path / "svc.yaml"
+    cfg.write_text("workers: 2\n")
+    svc = start_service(tmp_path / "data", "--config", str(cfg))
+    workers = _workers(svc.proc.pid)
+    assert len(workers) == 2
+    os.kill(svc.proc.pid, signal.SIGKILL)
+    svc.proc.wait(30)
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [w for w in workers if _running(w)]
+    assert not alive, "worker processes outlived the service"

@@ -111,14 +111,15 @@ class Checkpointer:
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            self._recover()
-        except Exception as exc:
-            _log.error("checkpointer: recovery failed (%s)", type(exc).__name__)
+        recovered = self._try_recover()
         last_round = time.monotonic()
         base = self._rows_committed()
         tick = min(0.25, self._interval, self._heartbeat)
         while not self._stop.wait(tick):
+            if not recovered:  # the store was down at start: keep trying, then go on
+                recovered = self._try_recover()
+                if not recovered:
+                    continue
             now = time.monotonic()
             rows = self._rows_committed()
             due = now - last_round >= min(self._interval, self._heartbeat)
@@ -137,26 +138,32 @@ class Checkpointer:
             return 0
         return int(self._committed_rows())
 
+    def _try_recover(self) -> bool:
+        try:
+            self._recover()
+            return True
+        except Exception as exc:
+            _log.warning("checkpointer: recovery failed (%s); retrying", type(exc).__name__)
+            return False
+
     def _recover(self) -> None:
+        """Store every anchored checkpoint the table lacks (the service stopped, or the store
+        was down, between writing the anchor and the table): the anchor is written first."""
         stored = {(c.origin, c.writer_id, c.tree_size, c.time_us) for c in
                   load_checkpoints(self._store)}
-        newest: dict[tuple[str, str], Checkpoint] = {}
-        for cp in self._anchor.checkpoints():
-            k = (cp.origin, cp.writer_id)
-            if k not in newest or (cp.tree_size, cp.time_us) > (newest[k].tree_size,
-                                                                newest[k].time_us):
-                newest[k] = cp
-        latest_stored: dict[tuple[str, str], tuple[int, int]] = {}
-        for o, w, s, t in stored:
-            latest_stored[(o, w)] = max(latest_stored.get((o, w), (0, 0)), (s, t))
-            self._known_sizes[(o, w)] = latest_stored[(o, w)][0]
-        for k, cp in newest.items():
-            if (cp.origin, cp.writer_id, cp.tree_size, cp.time_us) in stored:
-                continue
-            if (cp.tree_size, cp.time_us) > latest_stored.get(k, (-1, -1)):
-                _log.warning("checkpointer: storing anchored checkpoint %s/%d again (the "
-                             "service stopped before storing it)", cp.writer_id, cp.tree_size)
-                store_checkpoint(self._store, cp)
+        for o, w, s, _ in stored:
+            self._known_sizes[(o, w)] = max(self._known_sizes.get((o, w), 0), s)
+        pending = {(c.origin, c.writer_id, c.tree_size, c.time_us) for c in self._pending}
+        missing = sorted(
+            (cp for cp in self._anchor.checkpoints()
+             if (cp.origin, cp.writer_id, cp.tree_size, cp.time_us) not in stored | pending),
+            key=lambda cp: (cp.origin, cp.writer_id, cp.tree_size, cp.time_us))
+        for cp in missing:
+            _log.warning("checkpointer: storing anchored checkpoint %s/%d in the table (it "
+                         "was anchored but not stored before a stop or an outage)",
+                         cp.writer_id, cp.tree_size)
+            self._pending.append(cp)
+        self._retry_pending()
 
     # -- one round -----------------------------------------------------------------------
     def _round(self, force: bool) -> None:

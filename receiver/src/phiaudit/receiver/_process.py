@@ -11,6 +11,9 @@ chain, the writer and the store stay in the service process.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +72,23 @@ class RequestProcessor:
 _worker: RequestProcessor | None = None
 
 
-def init_worker(data_dir: str, sensitive: list[str]) -> None:
+def _exit_with(service_pid: int) -> None:
+    """A worker never outlives its service, even one killed with SIGKILL."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(service_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+
+
+def init_worker(data_dir: str, sensitive: list[str], service_pid: int) -> None:
     global _worker
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
+    threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
+                     name="phiaudit-worker-watch").start()
     _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive)
 
 

@@ -175,11 +175,13 @@ class Service:
             n = (os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
         if n == 0:
             return
-        ctx = multiprocessing.get_context("forkserver")
+        # spawn: the workers are the service's own children, with nothing of its state (no
+        # engine, no keys in the environment); each one exits if the service dies
+        ctx = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
             max_workers=n, mp_context=ctx, initializer=init_worker,
             initargs=(str(Path(self.config.data_dir).resolve()),
-                      list(self.config.sensitive_attributes)))
+                      list(self.config.sensitive_attributes), os.getpid()))
         # start them now, not on the first request
         for f in [self._pool.submit(os.getpid) for _ in range(n)]:
             f.result(timeout=120)

@@ -9,7 +9,7 @@
 3. stops the service cleanly (SIGTERM: everything acknowledged is flushed);
 4. prints what a compliance officer would see, through ``phiaudit sql`` with the initial
    ``security`` credential: counts by action and outcome, failed logins, disclosures, a
-   decrypted sample, and the access log of these very queries.
+   decrypted sample, and the access log of these very queries; then ``phiaudit verify``.
 
 All data is synthetic.
 """
@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     _table("access log: every read of the trail, these queries included", _sql(
         data_dir, "SELECT principal, role, interface, decrypt, rows_returned, outcome "
         "FROM access_log ORDER BY seq"))
+    token = (data_dir / "credentials" / "admin.token").read_text().strip()
+    checked = subprocess.run(
+        [sys.executable, "-m", "phiaudit.receiver", "verify", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=_env(PHIAUDIT_TOKEN=token), check=False)
+    print("\n== tamper evidence: phiaudit verify (hash chains, signed Merkle checkpoints, anchor)")
+    print("   " + (checked.stdout.strip() or checked.stderr.strip()))
     print(f"\ndemo: data kept in {data_dir}; credential in "
           f"{data_dir / 'credentials' / 'admin.token'}")
     return 0

@@ -234,18 +234,25 @@ class Anchor(Protocol):
 
 
 def _write_once(path: Path, data: bytes) -> None:
+    """Write ``path`` once, whole or not at all: the content goes to a temporary file that is
+    fsynced and then hard-linked to its name (which fails if the name exists), so a reader
+    never sees a partial checkpoint and a crash never leaves an empty one behind."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-    except FileExistsError:
-        if path.read_bytes() == data:
-            return  # the same checkpoint again (a retry): nothing to do
-        raise IntegrityError(f"anchor: {path.name} exists with other content") from None
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}.partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if path.read_bytes() == data:
+            return  # the same checkpoint again (a retry): nothing to do
+        raise IntegrityError(f"anchor: {path.name} exists with other content") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

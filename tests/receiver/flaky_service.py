@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from phiaudit.receiver import Service, ServiceConfig, load_config
+from phiaudit.receiver import load_config, serve_until_signalled
 from phiaudit.storage import ConfigError, PermanentError, StorageUnavailable
 
 FLAG_NAME = "fail-inserts"
@@ -68,18 +67,6 @@ class FlakyStore:
         return insert
 
 
-async def _serve(config: ServiceConfig, flag: Path) -> None:
-    service = Service(config, store_factory=lambda store: FlakyStore(store, flag))
-    await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"flaky phiaudit: serving OTLP on {config.host}:{service.port}", flush=True)
-    await stop.wait()
-    await service.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -94,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flaky_service: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(config, flag_path(Path(config.data_dir))))
+    flag = flag_path(Path(config.data_dir))
+    asyncio.run(serve_until_signalled(config,
+                                      store_factory=lambda store: FlakyStore(store, flag)))
     return 0
 
 

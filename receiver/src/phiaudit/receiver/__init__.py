@@ -3,7 +3,7 @@ pipeline wiring and lifecycle, and the ``phiaudit`` command line."""
 
 from ._config import DEFAULT_SENSITIVE_ATTRIBUTES, ServiceConfig, load_config
 from ._extract import Extracted, Extractor, ExtractStats
-from ._service import Service, run_service
+from ._service import Service, run_service, serve_until_signalled
 
 __all__ = [
     "DEFAULT_SENSITIVE_ATTRIBUTES",
@@ -14,4 +14,5 @@ __all__ = [
     "ServiceConfig",
     "load_config",
     "run_service",
+    "serve_until_signalled",
 ]

@@ -257,8 +257,9 @@ class Service:
             self.run_file.unlink()
 
 
-async def _serve(config: ServiceConfig, ready_fd: int | None = None) -> None:
-    service = Service(config)
+async def serve_until_signalled(config: ServiceConfig, *, store_factory: Any = None) -> None:
+    """Start the service, serve until SIGTERM or SIGINT, then stop it (flushing)."""
+    service = Service(config, store_factory=store_factory)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -270,4 +271,4 @@ async def _serve(config: ServiceConfig, ready_fd: int | None = None) -> None:
 
 
 def run_service(config: ServiceConfig) -> None:
-    asyncio.run(_serve(config))
+    asyncio.run(serve_until_signalled(config))

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._crypto import _write_private
 from ._errors import AccessDenied, ConfigError
 
 __all__ = ["ROLES", "Credentials", "Principal"]
@@ -65,14 +66,8 @@ class Credentials:
         self._mtime = mtime
 
     def _save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name("tokens.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": 1, "tokens": self._entries}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        _write_private(self.path,
+                       json.dumps({"version": 1, "tokens": self._entries}, indent=1).encode())
 
     def issue(self, principal: str, role: str) -> str:
         """Create a credential and return the token (shown once, never stored)."""

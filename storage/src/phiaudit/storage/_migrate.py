@@ -12,19 +12,14 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    import clickhouse_connect
-
     from ._schema import SCHEMA_VERSION, migration_statements
-    from ._store import write_engine_config
+    from ._store import open_admin_engine
 
     data_dir = Path(argv[0]).resolve()
     database = argv[1]
     policy = argv[2] if len(argv) > 2 and argv[2] else None
-    (data_dir / "clickhouse").mkdir(parents=True, exist_ok=True, mode=0o700)
     # the disk key comes from the parent, in the environment; this process needs no KEK
-    config = write_engine_config(data_dir, database, restricted=False)
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
-                                           chdb_options={"config-file": str(config)})
+    client = open_admin_engine(data_dir, database)
     for stmt in migration_statements(database, storage_policy=policy):
         client.command(stmt)
     done = client.query(f"SELECT count() FROM `{database}`.schema_migrations "

@@ -18,8 +18,6 @@ _PART = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def main(argv: list[str]) -> int:
-    import clickhouse_connect
-
     data_dir = Path(argv[0]).resolve()
     database = argv[1]
     targets = [a.split(":", 1) for a in argv[2:]]
@@ -27,11 +25,9 @@ def main(argv: list[str]) -> int:
             not _NAME.match(t) or not _PART.match(p) for t, p in targets):
         print("purge error: bad table or partition name", file=sys.stderr)
         return 2
-    from ._store import write_engine_config
+    from ._store import open_admin_engine
 
-    config = write_engine_config(data_dir, database, restricted=False)
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
-                                           chdb_options={"config-file": str(config)})
+    client = open_admin_engine(data_dir, database)
     dropped = []
     for table, partition in targets:
         client.command(f"ALTER TABLE `{database}`.`{table}` DROP PARTITION ID '{partition}'",

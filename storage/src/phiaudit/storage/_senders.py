@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
 import secrets
 import threading
 import time
 from pathlib import Path
 
+from ._crypto import _write_private
 from ._errors import ConfigError
 
 __all__ = ["SenderTokens"]
@@ -75,14 +75,8 @@ class SenderTokens:
         self._entries, self._by_digest, self._mtime = entries, by_digest, mtime
 
     def _save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name("senders.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": 1, "senders": self._entries}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        _write_private(self.path,
+                       json.dumps({"version": 1, "senders": self._entries}, indent=1).encode())
 
     @property
     def configured(self) -> bool:

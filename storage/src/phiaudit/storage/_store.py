@@ -137,10 +137,17 @@ def write_engine_config(data_dir: Path, database: str, *, restricted: bool) -> P
 def admin_client(data_dir: Path, database: str = "phiaudit") -> Any:
     """An unrestricted embedded engine over ``data_dir`` (migrations, purges, and tools that
     must be able to alter data, such as tamper tests). Needs the key-encryption key."""
+    data_dir = Path(data_dir).resolve()
+    os.environ.update(disk_key_env(data_dir))
+    return open_admin_engine(data_dir, database)
+
+
+def open_admin_engine(data_dir: Path, database: str) -> Any:
+    """The unrestricted engine, for a process whose environment already holds the disk key
+    (the migration and purge child processes get it from their parent)."""
     import clickhouse_connect
 
     data_dir = Path(data_dir).resolve()
-    os.environ.update(disk_key_env(data_dir))
     config = write_engine_config(data_dir, database, restricted=False)
     (data_dir / "clickhouse").mkdir(parents=True, exist_ok=True, mode=0o700)
     return clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
@@ -307,20 +314,14 @@ class Store:
         """Insert row-oriented ``rows`` as one Arrow block; idempotent per ``token``."""
         from ._arrow import arrow_table
 
-        settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
             data = arrow_table(columns, rows)
         except (ValueError, TypeError, OverflowError) as exc:
             raise PermanentError(f"insert into {table}: a value does not fit its column") from exc
-        try:
-            with self._lock:
-                self._client.insert_arrow(table, data, database=self.database,
-                                          settings=settings)
-        except Exception as exc:
-            raise _map_error(exc, f"insert into {table}") from exc
+        self.insert_arrow(table, data, token)
 
     def insert_arrow(self, table: str, data: Any, token: str) -> None:
-        """Insert a prebuilt Arrow table (a spooled block); idempotent per ``token``."""
+        """Insert an Arrow table (a batch, or a spooled block); idempotent per ``token``."""
         settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
             with self._lock:

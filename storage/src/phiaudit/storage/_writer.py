@@ -75,16 +75,11 @@ class WriterStats:
 
 
 class _Item:
-    __slots__ = ("done", "future", "key", "leaves", "nrows", "tables")
+    __slots__ = ("done", "future", "key", "nrows", "tables")
 
     def __init__(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> None:
         self.key = key
         self.tables = tables
-        # rows arrive with their leaf digest in the last (hash) slot; keep it, linking
-        # overwrites the slot and a retried batch must link the same leaves again
-        self.leaves: dict[int, bytes] = {
-            id(row): row[-1] for rows in tables.values() for row in rows
-            if row[-1].__class__ is bytes and len(row[-1]) == 32}
         self.done: set[str] = set()  # tables whose rows of this item are committed
         self.nrows = sum(len(r) for r in tables.values())
         self.future: Future[None] = Future()
@@ -112,6 +107,8 @@ class BatchWriter:
         self.writer_id = writer_id
         self._specs = {t.name: t for t in tables}
         self._encoders = {t.name: canonical_encoder(t.columns) for t in tables if t.chained}
+        self._seq_index = {t.name: [c.name for c in t.columns].index("seq")
+                           for t in tables if t.chained}
         self._states: dict[str, ChainState] = {}
         self._max_rows = max_rows
         self._max_wait = max_wait
@@ -340,9 +337,12 @@ class BatchWriter:
             if spec.chained:
                 state = self._states[name]
                 first = state.seq + 1
-                known = {k: v for item in batch for k, v in item.leaves.items()}
+                # a row not linked yet (seq 0) carries its leaf in the hash slot, computed
+                # where it was built; a retried row was linked before: its leaf is recomputed
                 enc = self._encoders[name]
-                leaves = [known.get(id(r)) or hashlib.sha256(enc(r)).digest() for r in rows]
+                i_s = self._seq_index[name]
+                leaves = [r[-1] if r[i_s] == 0 and len(r[-1]) == 32
+                          else hashlib.sha256(enc(r)).digest() for r in rows]
                 seq, head = link_rows(state, spec.columns, rows, enc, leaves)
                 token = f"{self.writer_id}:{name}:{first}:{head.hex()}"
                 new_states[name] = (seq, head)

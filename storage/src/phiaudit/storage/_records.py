@@ -16,11 +16,11 @@ from typing import Any
 
 from ._chain import canonical_encoder
 from ._crypto import BlindIndex, FieldCipher
-from ._schema import ACCESS_LOG_COLUMNS, AUDIT_COLUMNS
+from ._schema import ACCESS_LOG_COLUMNS, ALERT_COLUMNS, AUDIT_COLUMNS, INFRA_COLUMNS
 
 _json = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
 
-__all__ = ["ACTIONS", "AccessRecord", "AuditEvent", "RecordEncoder"]
+__all__ = ["ACTIONS", "AccessRecord", "Alert", "AuditEvent", "InfraEvent", "RecordEncoder"]
 
 #: The actions of the attribute contract (CONTRACT.md section 1).
 ACTIONS = frozenset({
@@ -83,6 +83,59 @@ class AccessRecord:
     reason: str = ""
 
 
+@dataclass(slots=True)
+class InfraEvent:
+    """One normalized infrastructure record, in clear. Times are UTC microseconds.
+
+    ``object`` (a table, a bucket/key, an address:port), ``client_address`` and ``raw`` (the
+    record as received) are stored encrypted; ``phi_object`` names the PHI catalog entry that
+    matched (configuration, never data)."""
+
+    event_id: uuid.UUID
+    event_time_us: int
+    received_time_us: int
+    source_kind: str
+    parse_status: str = "ok"
+    source: str = ""
+    actor_id: str = ""
+    client_address: str = ""
+    operation: str = ""
+    object_type: str = ""
+    object: str = ""
+    phi_touch: bool = False
+    phi_object: str = ""
+    outcome: str = "unknown"
+    record_count: int = 0
+    trace_id: str = ""
+    span_id: str = ""
+    sender: str = ""
+    raw: str = ""
+
+    def __repr__(self) -> str:  # never print PHI
+        return (f"InfraEvent(event_id={self.event_id}, kind={self.source_kind!r}, "
+                f"operation={self.operation!r}, phi_touch={self.phi_touch}, phi=[REDACTED])")
+
+
+@dataclass(slots=True)
+class Alert:
+    """One alert raised by a rule. ``summary`` and ``group_key`` never carry PHI in clear
+    (rules group by ids and blind indexes)."""
+
+    alert_id: uuid.UUID
+    time_us: int
+    rule_id: str
+    severity: str
+    window_start_us: int
+    window_end_us: int
+    group_key: str
+    summary: str
+    value: int = 0
+    evidence: list[uuid.UUID] = field(default_factory=list)
+    evidence_count: int = 0
+    trace_ids: list[str] = field(default_factory=list)
+    mode: str = "scheduled"
+
+
 class RecordEncoder:
     """Encrypts and indexes records into rows in table column order."""
 
@@ -91,6 +144,8 @@ class RecordEncoder:
         self.index = index
         self._audit_leaf = canonical_encoder(AUDIT_COLUMNS)
         self._access_leaf = canonical_encoder(ACCESS_LOG_COLUMNS)
+        self._infra_leaf = canonical_encoder(INFRA_COLUMNS)
+        self._alert_leaf = canonical_encoder(ALERT_COLUMNS)
 
     def audit_row(self, ev: AuditEvent) -> list[Any]:
         enc = self.cipher.encrypt
@@ -160,4 +215,55 @@ class RecordEncoder:
             "", 0, b"", b"",
         ]
         row[-1] = sha256(self._access_leaf(row)).digest()
+        return row
+
+    def infra_row(self, ev: InfraEvent) -> list[Any]:
+        enc = self.cipher.encrypt
+        eid = ev.event_id.bytes
+        row = [
+            ev.event_id,
+            ev.event_time_us,
+            ev.received_time_us,
+            ev.source_kind,
+            ev.parse_status,
+            ev.source,
+            ev.actor_id,
+            enc("client_address", eid, ev.client_address) if ev.client_address else b"",
+            self.index("client", ev.client_address),
+            ev.operation,
+            ev.object_type,
+            enc("object", eid, ev.object) if ev.object else b"",
+            self.index("object", ev.object),
+            ev.phi_touch,
+            ev.phi_object,
+            ev.outcome,
+            ev.record_count,
+            ev.trace_id,
+            ev.span_id,
+            ev.sender,
+            enc("raw", eid, ev.raw) if ev.raw else b"",
+            self.cipher.key_id,
+            "", 0, b"", b"",
+        ]
+        row[-1] = sha256(self._infra_leaf(row)).digest()
+        return row
+
+    def alert_row(self, alert: Alert) -> list[Any]:
+        row = [
+            alert.alert_id,
+            alert.time_us,
+            alert.rule_id,
+            alert.severity,
+            alert.window_start_us,
+            alert.window_end_us,
+            alert.group_key,
+            alert.summary,
+            alert.value,
+            list(alert.evidence),
+            alert.evidence_count,
+            list(alert.trace_ids),
+            alert.mode,
+            "", 0, b"", b"",
+        ]
+        row[-1] = sha256(self._alert_leaf(row)).digest()
         return row

@@ -13,17 +13,23 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACCESS_LOG_COLUMNS",
+    "ALERT_COLUMNS",
     "AUDIT_COLUMNS",
+    "CARE_COLUMNS",
     "CHECKPOINT_COLUMNS",
+    "DELIVERY_COLUMNS",
     "ENCRYPTED_COLUMNS",
     "HOLD_COLUMNS",
+    "INFRA_COLUMNS",
+    "ROLLUP_COLUMNS",
+    "RULE_RUN_COLUMNS",
     "SCHEMA_VERSION",
     "TRACE_COLUMNS",
     "Column",
     "migration_statements",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: infra_events, infra_rollups, alerts, care_relationships, rule_runs
 
 
 @dataclass(frozen=True)
@@ -146,9 +152,105 @@ HOLD_COLUMNS: list[Column] = [
     Column("time", "DateTime64(6, 'UTC')"),
 ]
 
+#: infra_events: normalized infrastructure records (database audit logs, cloud access logs,
+#: network flows, database client spans). Records that touch PHI (``phi_touch``, from the
+#: configured PHI catalog) are always kept whole; the others may be rolled up.
+INFRA_COLUMNS: list[Column] = [
+    Column("event_id", "UUID", comment="deterministic: a re-sent record is stored once"),
+    Column("event_time", "DateTime64(6, 'UTC')", comment="when the infrastructure says it happened"),
+    Column("received_time", "DateTime64(6, 'UTC')"),
+    Column("source_kind", "LowCardinality(String)",
+           comment="pgaudit | cloudtrail | vpcflow | db_span | unknown"),
+    Column("parse_status", "LowCardinality(String)", comment="ok | unparsed"),
+    Column("source", "LowCardinality(String)", comment="emitting service, host or log"),
+    Column("actor_id", "String", comment="database role, cloud principal or service"),
+    Column("client_address", "String", "encrypted"),
+    Column("client_bidx", "String", comment="blind index of the client address"),
+    Column("operation", "LowCardinality(String)", comment="SELECT, GetObject, ConsoleLogin, ..."),
+    Column("object_type", "LowCardinality(String)", comment="table | object | endpoint | login"),
+    Column("object", "String", "encrypted", "table, bucket/key or address:port"),
+    Column("object_bidx", "String", comment="blind index of the object"),
+    Column("phi_touch", "Bool", comment="the object is in the PHI catalog"),
+    Column("phi_object", "LowCardinality(String)", comment="the catalog entry that matched"),
+    Column("outcome", "LowCardinality(String)", comment="success | failure | unknown"),
+    Column("record_count", "UInt64", comment="rows, objects or packets, when known"),
+    Column("trace_id", "String", comment="hex; from sqlcommenter traceparent or the span"),
+    Column("span_id", "String"),
+    Column("sender", "LowCardinality(String)", comment="authenticated client identity"),
+    Column("raw", "String", "encrypted", "the original record"),
+    Column("key_id", "UInt32"),
+    *_CHAIN,
+]
+
+#: infra_rollups: per-minute counts of the infrastructure records that touch no PHI.
+ROLLUP_COLUMNS: list[Column] = [
+    Column("minute", "DateTime64(6, 'UTC')"),
+    Column("source_kind", "LowCardinality(String)"),
+    Column("actor_id", "String"),
+    Column("object", "String", comment="not in the PHI catalog"),
+    Column("operation", "LowCardinality(String)"),
+    Column("outcome", "LowCardinality(String)"),
+    Column("records", "UInt64", comment="records of this minute and key; sum() over rows"),
+    Column("kept", "UInt64", comment="of them, sampled and kept whole in infra_events"),
+    Column("raw_bytes", "UInt64", comment="size of the records rolled up"),
+]
+
+#: alerts: raised by rules; deterministic ids (rule, group, window) deduplicate them.
+ALERT_COLUMNS: list[Column] = [
+    Column("alert_id", "UUID", comment="from rule, group key and window"),
+    Column("time", "DateTime64(6, 'UTC')", comment="when it was raised"),
+    Column("rule_id", "LowCardinality(String)"),
+    Column("severity", "LowCardinality(String)"),
+    Column("window_start", "DateTime64(6, 'UTC')"),
+    Column("window_end", "DateTime64(6, 'UTC')"),
+    Column("group_key", "String", comment="JSON of the group-by values (ids, blind indexes)"),
+    Column("summary", "String", comment="for people; never PHI"),
+    Column("value", "UInt64", comment="the count that crossed the threshold, when any"),
+    Column("evidence", "Array(UUID)", comment="event ids (at most 100)"),
+    Column("evidence_count", "UInt64"),
+    Column("trace_ids", "Array(String)"),
+    Column("mode", "LowCardinality(String)", comment="scheduled | backfill"),
+    *_CHAIN,
+]
+
+#: care_relationships: who may see whom, and when (the `lookup` of the care rule).
+CARE_COLUMNS: list[Column] = [
+    Column("actor_id", "String", comment="the user id the application reports"),
+    Column("patient_bidx", "String", comment="blind index of the patient id"),
+    Column("start", "DateTime64(6, 'UTC')"),
+    Column("end", "DateTime64(6, 'UTC')"),
+    Column("relationship", "LowCardinality(String)", comment="encounter | careteam | ..."),
+    Column("batch_id", "String", comment="one `phiaudit care load`"),
+    Column("loaded_time", "DateTime64(6, 'UTC')"),
+    Column("loaded_by", "String"),
+]
+
+#: rule_runs: each evaluation of a rule; max(window_to) per rule is its watermark.
+RULE_RUN_COLUMNS: list[Column] = [
+    Column("rule_id", "LowCardinality(String)"),
+    Column("mode", "LowCardinality(String)", comment="scheduled | backfill"),
+    Column("window_from", "DateTime64(6, 'UTC')"),
+    Column("window_to", "DateTime64(6, 'UTC')"),
+    Column("time", "DateTime64(6, 'UTC')"),
+    Column("alerts", "UInt64"),
+    Column("duration_us", "UInt64"),
+    Column("rule_hash", "String", comment="SHA-256 of the compiled rule"),
+]
+
+#: alert_deliveries: each attempt to deliver an alert to a sink.
+DELIVERY_COLUMNS: list[Column] = [
+    Column("alert_id", "UUID"),
+    Column("sink", "LowCardinality(String)"),
+    Column("attempt", "UInt32"),
+    Column("outcome", "LowCardinality(String)", comment="delivered | failed"),
+    Column("time", "DateTime64(6, 'UTC')"),
+    Column("error", "String", comment="kind of failure; never PHI"),
+]
+
 ENCRYPTED_COLUMNS: dict[str, frozenset[str]] = {
     "audit_events": frozenset(c.name for c in AUDIT_COLUMNS if c.kind == "encrypted"),
     "access_log": frozenset(c.name for c in ACCESS_LOG_COLUMNS if c.kind == "encrypted"),
+    "infra_events": frozenset(c.name for c in INFRA_COLUMNS if c.kind == "encrypted"),
 }
 
 
@@ -229,6 +331,50 @@ PARTITION BY toYYYYMM(time)
 ORDER BY (hold_id, time)
 {merge_settings}
 COMMENT 'legal holds: placing and releasing are both appended; no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.infra_events (
+{_cols(INFRA_COLUMNS)},
+    INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (writer_id, seq)
+{merge_settings}
+COMMENT 'infrastructure records: append-only, encrypted raw record, hash-chained, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.infra_rollups (
+{_cols(ROLLUP_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(minute)
+ORDER BY (source_kind, minute, actor_id, object)
+{merge_settings}
+COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.alerts (
+{_cols(ALERT_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (writer_id, seq)
+{merge_settings}
+COMMENT 'alerts raised by rules: append-only, hash-chained, no TTL'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.care_relationships (
+{_cols(CARE_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(loaded_time)
+ORDER BY (actor_id, patient_bidx, start)
+{merge_settings}
+COMMENT 'care relationships (practitioner, patient blind index, period): append-only'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.rule_runs (
+{_cols(RULE_RUN_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (rule_id, window_to)
+{merge_settings}
+COMMENT 'rule evaluations and their watermarks: append-only'""",
+        f"""CREATE TABLE IF NOT EXISTS `{db}`.alert_deliveries (
+{_cols(DELIVERY_COLUMNS)}
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (alert_id, sink, time)
+{merge_settings}
+COMMENT 'alert delivery attempts: append-only'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
 ) ENGINE = MergeTree ORDER BY version

@@ -39,7 +39,7 @@ from ._chain import GENESIS, canonical_encoder
 from ._checkpoint import Anchor, Checkpoint, load_checkpoints, origin_for
 from ._errors import PermanentError
 from ._merkle import CompactRange
-from ._schema import ACCESS_LOG_COLUMNS, AUDIT_COLUMNS, Column
+from ._schema import ACCESS_LOG_COLUMNS, ALERT_COLUMNS, AUDIT_COLUMNS, INFRA_COLUMNS, Column
 
 __all__ = ["CHAINED_TABLES", "Finding", "VerifyReport", "leaf_sql", "verify"]
 
@@ -49,6 +49,8 @@ _log = logging.getLogger("phiaudit.storage.verify")
 CHAINED_TABLES: dict[str, tuple[list[Column], str]] = {
     "audit_events": (AUDIT_COLUMNS, "event_time"),
     "access_log": (ACCESS_LOG_COLUMNS, "time"),
+    "infra_events": (INFRA_COLUMNS, "event_time"),
+    "alerts": (ALERT_COLUMNS, "time"),
 }
 _POSITION = ("writer_id", "seq", "prev_hash", "hash")
 
@@ -99,8 +101,9 @@ def _field_sql(c: Column) -> str:
     if t.startswith(("UInt", "Int")):
         return _ns_sql(f"toString({n})")
     if t.startswith("Array("):
+        items = f"arrayMap(v -> toString(v), {n})" if t == "Array(UUID)" else n
         return _ns_sql(
-            f"arrayStringConcat(arrayMap(v -> concat(toString(length(v)), ':', v), {n}))")
+            f"arrayStringConcat(arrayMap(v -> concat(toString(length(v)), ':', v), {items}))")
     return _ns_sql(f"toString({n})")
 
 
@@ -149,16 +152,17 @@ def _bad_rows_sql(store: Any, table: str, columns: Sequence[Column],
                          f"AND {{hi{i}:UInt64}})")
         where = "WHERE " + " OR ".join(conds)
     first_checked = "seq = 1" if windowed else "1"
+    idc = f"`{columns[0].name}`"
     sql = f"""
 SELECT writer_id, seq, eid, content_ok, link_ok, pseq, peid FROM (
-  SELECT writer_id, seq, toString(event_id) AS eid,
+  SELECT writer_id, seq, toString({idc}) AS eid,
          hash = {_hash_sql(columns)} AS content_ok,
          prev_hash = lagInFrame(hash) OVER w AS link_ok,
          lagInFrame(seq) OVER w AS pseq,
-         lagInFrame(toString(event_id)) OVER w AS peid,
+         lagInFrame(toString({idc})) OVER w AS peid,
          row_number() OVER w AS rn
   FROM {table} {where}
-  WINDOW w AS (PARTITION BY writer_id ORDER BY seq, event_id
+  WINDOW w AS (PARTITION BY writer_id ORDER BY seq, {idc}
                ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
 ) WHERE NOT content_ok OR ((rn > 1 OR {first_checked})
                           AND (NOT link_ok OR seq != pseq + 1))
@@ -173,7 +177,7 @@ def _bad_rows_python(store: Any, table: str, columns: Sequence[Column],
                      ) -> list[tuple[str, int, str, bool, bool, int, str]]:
     enc = canonical_encoder(columns)
     names = [c.name for c in columns]
-    _, i_s, i_p, i_h, i_e = (names.index(n) for n in (*_POSITION, "event_id"))
+    _, i_s, i_p, i_h, i_e = (names.index(n) for n in (*_POSITION, names[0]))
     sha = hashlib.sha256
     out = []
     for w, lo, hi, _ in ranges:
@@ -181,7 +185,7 @@ def _bad_rows_python(store: Any, table: str, columns: Sequence[Column],
         select = ", ".join(f"`{n}`" for n in names)
         _, rows = store.query(
             f"SELECT {select} FROM {table} WHERE writer_id = {{w:String}} AND seq >= {{a:UInt64}} "
-            "AND seq <= {b:UInt64} ORDER BY seq, event_id", {"w": w, "a": start, "b": hi},
+            f"AND seq <= {{b:UInt64}} ORDER BY seq, `{names[0]}`", {"w": w, "a": start, "b": hi},
             binary=True)
         prev_hash, prev_seq, prev_eid = GENESIS, 0, ""
         wb = str(len(w.encode())).encode() + b":" + w.encode()
@@ -308,6 +312,7 @@ def _chain_roots(store: Any, table: str, writer: str, sizes: list[int],
     its 256 rows (a row missing or repeated) gets no hash, so no root over it matches.
     """
     w = {"w": writer}
+    idc = CHAINED_TABLES[table][0][0].name
     _, top = store.query(f"SELECT max(seq) FROM {table} WHERE writer_id = {{w:String}}", w)
     max_seq = int(top[0][0] or 0)
     sizes = [n for n in sizes if 0 < n <= max_seq]
@@ -337,7 +342,7 @@ def _chain_roots(store: Any, table: str, writer: str, sizes: list[int],
         _, rows = store.query(
             f"SELECT intDiv(seq - 1, {block}), SHA256(concat(unhex('00'), hash)) FROM {table} "
             "WHERE writer_id = {w:String} AND seq >= 1 AND has({b:Array(UInt64)}, "
-            f"intDiv(seq - 1, {block})) ORDER BY seq, event_id", {**w, "b": partial},
+            f"intDiv(seq - 1, {block})) ORDER BY seq, `{idc}`", {**w, "b": partial},
             binary=True)
         for k, h in rows:
             leaves.setdefault(int(k), []).append(bytes(h))

@@ -58,6 +58,10 @@ class ServiceConfig:
     #: OTLP sender authentication: "auto" (required off loopback) or "required"
     otlp_auth: str = "auto"
     clickhouse_ca_file: str = ""
+    #: infrastructure ingestion: PHI catalog, rollups and sampling (see _infra.py)
+    infra: dict[str, Any] = field(default_factory=dict)
+    #: the rule engine: schedule, lateness, rule files, thresholds, sinks (see phiaudit.rules)
+    rules: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         shown = []

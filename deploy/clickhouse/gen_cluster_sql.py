@@ -37,6 +37,12 @@ SHARDING = {
     "access_log": "cityHash64(writer_id)",
     "otel_traces": "cityHash64(TraceId)",
     "otel_traces_trace_id_ts": "cityHash64(TraceId)",
+    "infra_events": "cityHash64(writer_id)",
+    "alerts": "cityHash64(writer_id)",
+    "infra_rollups": "rand()",
+    "care_relationships": "cityHash64(actor_id)",
+    "rule_runs": "cityHash64(rule_id)",
+    "alert_deliveries": "cityHash64(alert_id)",
 }
 
 _CREATE_DB = re.compile(r"^CREATE DATABASE IF NOT EXISTS `(?P<db>\w+)`$")

@@ -4,3 +4,21 @@ Nothing is public yet; the package exists so that the layout and the import cont
 """
 
 __all__: list[str] = []
+
+# delivery, care relationships (helper "delivery")
+from ._care import OPEN_END_US, CareFileError, care_rows
+from ._sinks import (
+    AlertMessage,
+    DeliveryFailed,
+    OtlpSink,
+    Sink,
+    StdoutSink,
+    WebhookSink,
+    build_sinks,
+    deliver_pending,
+)
+
+__all__ += [
+    "OPEN_END_US", "AlertMessage", "CareFileError", "DeliveryFailed", "OtlpSink", "Sink",
+    "StdoutSink", "WebhookSink", "build_sinks", "care_rows", "deliver_pending",
+]

@@ -44,6 +44,10 @@ from phiaudit.storage import (
     TableSpec,
     migrate,
 )
+from phiaudit.storage import ALERT_COLUMNS as _ALERT_COLUMNS
+from phiaudit.storage import CARE_COLUMNS as _CARE_COLUMNS
+from phiaudit.storage import DELIVERY_COLUMNS as _DELIVERY_COLUMNS
+from phiaudit.storage import RULE_RUN_COLUMNS as _RULE_RUN_COLUMNS
 
 from ._checkpointer import Checkpointer
 from ._checkpointer import for_service as checkpointer_for_service
@@ -61,6 +65,11 @@ TABLES = (
     TableSpec("audit_events", AUDIT_COLUMNS, chained=True, dedup_column="event_id"),
     TableSpec("otel_traces", TRACE_COLUMNS, chained=False),
     TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True),
+    # the rule engine's tables (alerts, runs, deliveries, care relationships)
+    TableSpec("alerts", _ALERT_COLUMNS, chained=True, dedup_column="alert_id"),
+    TableSpec("rule_runs", _RULE_RUN_COLUMNS, chained=False),
+    TableSpec("alert_deliveries", _DELIVERY_COLUMNS, chained=False),
+    TableSpec("care_relationships", _CARE_COLUMNS, chained=False),
 )
 
 

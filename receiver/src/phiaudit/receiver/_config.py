@@ -15,6 +15,8 @@ from typing import Any
 
 from phiaudit.storage import ConfigError
 
+from ._infra import InfraConfig
+
 __all__ = ["DEFAULT_SENSITIVE_ATTRIBUTES", "ServiceConfig", "load_config"]
 
 #: Removed from otel_traces (besides every phi.* attribute): they often carry PHI in clear.
@@ -155,6 +157,10 @@ class ServiceConfig:
             errors.append("sensitive_attributes: must be a list of attribute names")
         if self.clickhouse_url and not self.clickhouse_url.startswith(("https://", "http://")):
             errors.append("clickhouse_url: must be https://user:pass@host:port/database")
+        try:
+            InfraConfig.from_mapping(self.infra)
+        except ConfigError as exc:
+            errors += exc.errors
         if errors:
             raise ConfigError(errors)
 

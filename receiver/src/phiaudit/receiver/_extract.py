@@ -5,6 +5,11 @@ is an audit event (CONTRACT.md section 1). It becomes one ``AuditEvent`` per pat
 Everything of an audit span that the contract does not map (other attributes, the span name,
 a log body) is kept in ``extra``, which is stored encrypted: nothing is lost.
 
+A log record that is not an audit event but an infrastructure record (``phi.infra.kind``, or
+a recognised pgAudit / CloudTrail / VPC flow body) becomes ``InfraEvent``s (see ``_infra``);
+a database client span (``db.system.name`` or ``db.system``) yields one as well, besides its
+trace row. Other log records are ignored.
+
 Any other span goes to ``otel_traces`` in the Collector ClickHouse exporter's schema, without
 its ``phi.*`` attributes, without ``phi.access`` events and without the configured sensitive
 attributes.
@@ -24,7 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phiaudit.storage import ACTIONS, AuditEvent
+from phiaudit.storage import ACTIONS, AuditEvent, InfraEvent
+
+from ._infra import InfraConfig, RecordContext, db_span_event, parse_record, sniff_kind
 
 __all__ = ["ExtractStats", "Extracted", "Extractor"]
 
@@ -50,6 +57,13 @@ class ExtractStats:
     bad_attribute_types: int = 0
     absurd_timestamps: int = 0
     patients_truncated: int = 0
+    infra_records_pgaudit: int = 0
+    infra_records_cloudtrail: int = 0
+    infra_records_vpcflow: int = 0
+    infra_records_db_span: int = 0
+    infra_records_unknown: int = 0
+    infra_unparsed: int = 0
+    infra_flow_headers: int = 0
 
     def add(self, other: ExtractStats) -> None:
         for k, v in other.__dict__.items():
@@ -60,6 +74,7 @@ class ExtractStats:
 class Extracted:
     audit: list[AuditEvent] = field(default_factory=list)
     traces: list[list[Any]] = field(default_factory=list)
+    infra: list[InfraEvent] = field(default_factory=list)
     stats: ExtractStats = field(default_factory=ExtractStats)
 
 
@@ -126,10 +141,27 @@ def _hex(b: bytes) -> str:
     return b.hex() if b else ""
 
 
+def _infra_kind(kvs: Sequence[Any]) -> str | None:
+    for kv in kvs:
+        if kv.key == "phi.infra.kind":
+            return _text(_value(kv.value)).strip().lower()
+    return None
+
+
+def _count_infra(st: ExtractStats, events: list[InfraEvent]) -> None:
+    for ev in events:
+        name = f"infra_records_{ev.source_kind}"
+        setattr(st, name, getattr(st, name, 0) + 1)
+        if ev.parse_status != "ok":
+            st.infra_unparsed += 1
+
+
 class Extractor:
     """Stateless apart from its configuration; one per service."""
 
-    def __init__(self, sensitive_attributes: Sequence[str] = ()) -> None:
+    def __init__(self, sensitive_attributes: Sequence[str] = (),
+                 infra: InfraConfig | None = None) -> None:
+        self.infra = infra if infra is not None else InfraConfig()
         exact = {a for a in sensitive_attributes if not a.endswith("*")}
         prefixes = tuple(a[:-1] for a in sensitive_attributes if a.endswith("*"))
         self._drop_exact = frozenset(exact)
@@ -158,6 +190,9 @@ class Extractor:
                 for span in ss.spans:
                     st.spans += 1
                     attrs = _attrs(span.attributes)
+                    if ("db.system.name" in attrs or "db.system" in attrs) and \
+                            self.infra.enabled:
+                        self._db_span(out, span, attrs, service, sender, now_us)
                     audit_span = _is_true(attrs.get("phi.audit.event"))
                     access_events = ([e for e in span.events if e.name == "phi.access"]
                                      if span.events else [])
@@ -196,6 +231,42 @@ class Extractor:
             [link.trace_state for link in span.links],
             [self._clean_map(_attrs(link.attributes)) for link in span.links],
         ]
+
+    def _db_span(self, out: Extracted, span: Any, attrs: dict[str, Any], service: str,
+                 sender: str, now_us: int) -> None:
+        kind = span.kind if 0 <= span.kind < len(_KINDS) else 0
+        ev, absurd = db_span_event(
+            attrs, name=span.name, kind=_KINDS[kind], status_code=span.status.code,
+            start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
+            trace_id=_hex(span.trace_id), span_id=_hex(span.span_id), service=service,
+            sender=sender, now_us=now_us, catalog=self.infra.catalog)
+        out.stats.absurd_timestamps += absurd
+        out.stats.infra_records_db_span += 1
+        out.infra.append(ev)
+
+    def _infra_log(self, out: Extracted, rec: Any, res: dict[str, Any], res_kind: str,
+                   res_digest: bytes, sender: str, now_us: int) -> bool:
+        """An infrastructure log record -> infra events; False when it is none."""
+        kind = _infra_kind(rec.attributes) or res_kind
+        body = _value(rec.body) if rec.HasField("body") else None
+        if not kind:
+            kind = sniff_kind(body)
+            if not kind:
+                return False
+        seed = b"infra|" + hashlib.sha256(
+            res_digest + b"%d|" % rec.time_unix_nano
+            + rec.body.SerializeToString(deterministic=True)
+            + b"".join(kv.SerializeToString(deterministic=True) for kv in rec.attributes)
+            + rec.trace_id + rec.span_id).digest()
+        ctx = RecordContext(_attrs(rec.attributes), res, rec.time_unix_nano // 1000, now_us,
+                            sender, _hex(rec.trace_id), _hex(rec.span_id), seed)
+        result = parse_record(kind, body, ctx, self.infra.catalog)
+        st = out.stats
+        st.absurd_timestamps += result.absurd_times
+        st.infra_flow_headers += result.skipped
+        _count_infra(st, result.events)
+        out.infra.extend(result.events)
+        return True
 
     def _span_outcome(self, span: Any, attrs: dict[str, Any]) -> tuple[str, str]:
         if span.status.code == 2:
@@ -251,10 +322,19 @@ class Extractor:
             service = _text(res.get("service.name", ""))
             host = _text(res.get("host.name", ""))
             device = _text(res.get("device.id", ""))
+            res_kind = _text(res.get("phi.infra.kind", "")).strip().lower()
+            res_digest = b""
             for sl in rl.scope_logs:
                 for rec in sl.log_records:
                     st.log_records += 1
                     if not _is_audit(rec.attributes):
+                        if self.infra.enabled:
+                            if not res_digest:
+                                res_digest = hashlib.sha256(
+                                    rl.resource.SerializeToString(deterministic=True)).digest()
+                            if self._infra_log(out, rec, res, res_kind, res_digest, sender,
+                                               now_us):
+                                continue
                         st.logs_ignored += 1
                         continue
                     attrs = _attrs(rec.attributes)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-__all__ = ["Metrics"]
+__all__ = ["INFRA_COUNTERS", "Metrics"]
+
+#: Counters of infrastructure ingestion (``phiaudit`` Metrics RPC): records by source kind,
+#: records that could not be parsed (kept whole, encrypted), VPC flow header lines skipped,
+#: records kept whole in infra_events, records counted in infra_rollups and, of those, the
+#: sampled ones also kept whole.
+INFRA_COUNTERS = (
+    "infra_records_pgaudit", "infra_records_cloudtrail", "infra_records_vpcflow",
+    "infra_records_db_span", "infra_records_unknown", "infra_unparsed", "infra_flow_headers",
+    "infra_kept_whole", "infra_rolled_up", "infra_sampled",
+)
 
 
 class Metrics:

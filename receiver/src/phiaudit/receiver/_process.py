@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from phiaudit.storage import BlindIndex, FieldCipher, KeyRing, RecordEncoder
 
 from ._extract import Extractor
+from ._infra import InfraConfig, roll_up
 
 __all__ = ["MalformedRequest", "Processed", "RequestProcessor", "init_worker", "work"]
 
@@ -40,6 +41,8 @@ class Processed:
     audit_rows: list[list[Any]]
     trace_rows: list[list[Any]]
     stats: dict[str, int]
+    infra_rows: list[list[Any]] = field(default_factory=list)
+    rollup_rows: list[list[Any]] = field(default_factory=list)
 
 
 class RequestProcessor:
@@ -48,9 +51,11 @@ class RequestProcessor:
         self.extractor = extractor
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path, sensitive: list[str]) -> RequestProcessor:
+    def for_data_dir(cls, data_dir: Path, sensitive: list[str],
+                     infra: dict[str, Any] | None = None) -> RequestProcessor:
         ring = KeyRing.open(data_dir, create=False)
-        return cls(RecordEncoder(FieldCipher(ring), BlindIndex(ring)), Extractor(sensitive))
+        return cls(RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
+                   Extractor(sensitive, InfraConfig.from_mapping(infra or {})))
 
     def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         try:
@@ -65,8 +70,20 @@ class RequestProcessor:
         else:
             extracted = self.extractor.logs(request, sender)
         audit_row = self.encoder.audit_row
-        return Processed([audit_row(ev) for ev in extracted.audit], extracted.traces,
-                         dict(extracted.stats.__dict__))
+        stats = dict(extracted.stats.__dict__)
+        infra_rows: list[list[Any]] = []
+        rollup_rows: list[list[Any]] = []
+        if extracted.infra:
+            # noise control: records that touch no PHI are rolled up per minute (and sampled)
+            split = roll_up(extracted.infra, self.extractor.infra)
+            infra_row = self.encoder.infra_row
+            infra_rows = [infra_row(ev) for ev in split.whole]
+            rollup_rows = split.rollups
+            stats["infra_kept_whole"] = len(infra_rows)
+            stats["infra_rolled_up"] = split.rolled_up
+            stats["infra_sampled"] = split.sampled
+        return Processed([audit_row(ev) for ev in extracted.audit], extracted.traces, stats,
+                         infra_rows, rollup_rows)
 
 
 _worker: RequestProcessor | None = None
@@ -84,12 +101,13 @@ def _exit_with(service_pid: int) -> None:
             pass
 
 
-def init_worker(data_dir: str, sensitive: list[str], service_pid: int) -> None:
+def init_worker(data_dir: str, sensitive: list[str], service_pid: int,
+                infra: dict[str, Any] | None = None) -> None:
     global _worker
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
                      name="phiaudit-worker-watch").start()
-    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive)
+    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive, infra)
 
 
 def work(signal: str, raw: bytes, sender: str) -> Processed:

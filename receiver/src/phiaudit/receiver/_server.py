@@ -114,6 +114,10 @@ class _Otlp:
             tables["audit_events"] = processed.audit_rows
         if processed.trace_rows:
             tables["otel_traces"] = processed.trace_rows
+        if processed.infra_rows:
+            tables["infra_events"] = processed.infra_rows
+        if processed.rollup_rows:
+            tables["infra_rollups"] = processed.rollup_rows
         if not tables:
             return
         key = hashlib.sha256(signal.encode() + b"|" + raw).digest()

@@ -27,6 +27,8 @@ import grpc
 from phiaudit.storage import (
     ACCESS_LOG_COLUMNS,
     AUDIT_COLUMNS,
+    INFRA_COLUMNS,
+    ROLLUP_COLUMNS,
     SCHEMA_VERSION,
     TRACE_COLUMNS,
     AccessRecord,
@@ -53,6 +55,7 @@ from ._checkpointer import Checkpointer
 from ._checkpointer import for_service as checkpointer_for_service
 from ._config import ServiceConfig
 from ._extract import Extractor
+from ._infra import InfraConfig
 from ._metrics import Metrics
 from ._process import Processed, RequestProcessor, init_worker, work
 from ._server import build_handlers
@@ -65,6 +68,9 @@ TABLES = (
     TableSpec("audit_events", AUDIT_COLUMNS, chained=True, dedup_column="event_id"),
     TableSpec("otel_traces", TRACE_COLUMNS, chained=False),
     TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True),
+    # infrastructure records (PHI-touching ones whole) and the rollups of the others
+    TableSpec("infra_events", INFRA_COLUMNS, chained=True, dedup_column="event_id"),
+    TableSpec("infra_rollups", ROLLUP_COLUMNS, chained=False),
     # the rule engine's tables (alerts, runs, deliveries, care relationships)
     TableSpec("alerts", _ALERT_COLUMNS, chained=True, dedup_column="alert_id"),
     TableSpec("rule_runs", _RULE_RUN_COLUMNS, chained=False),
@@ -143,7 +149,8 @@ class Service:
     def __init__(self, config: ServiceConfig, *, store_factory: Any = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.extractor = Extractor(config.sensitive_attributes)
+        self.extractor = Extractor(config.sensitive_attributes,
+                                   InfraConfig.from_mapping(config.infra))
         self._store_factory = store_factory
         self._local: _Local | None = None
         self._server: grpc.aio.Server | None = None
@@ -190,7 +197,8 @@ class Service:
         self._pool = ProcessPoolExecutor(
             max_workers=n, mp_context=ctx, initializer=init_worker,
             initargs=(str(Path(self.config.data_dir).resolve()),
-                      list(self.config.sensitive_attributes), os.getpid()))
+                      list(self.config.sensitive_attributes), os.getpid(),
+                      dict(self.config.infra or {})))
         # start them now, not on the first request
         for f in [self._pool.submit(os.getpid) for _ in range(n)]:
             f.result(timeout=120)

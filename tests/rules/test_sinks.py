@@ -229,7 +229,8 @@ def test_stateless_across_restarts_and_sinks_independent(env: Env, receiver: Rec
     failing sink does not hold back the others."""
     a1, a2 = env.alert(), env.alert("break-glass")
     out = io.StringIO()
-    good: list[Sink] = [WebhookSink(url=receiver.url, name="am"), StdoutSink(name="log", stream=out)]
+    good: list[Sink] = [WebhookSink(url=receiver.url, name="am"),
+                        StdoutSink(name="log", stream=out)]
     receiver.fail = 1
     assert deliver_pending(env.store, env.submit, good, now_us=env.now) == 2  # stdout only
     lines = [json.loads(x)["phiaudit_alert"] for x in out.getvalue().splitlines()]
@@ -237,7 +238,8 @@ def test_stateless_across_restarts_and_sinks_independent(env: Env, receiver: Rec
     assert lines[0]["summary"] and lines[0]["trace_ids"] == [TRACE]
     # "restart": fresh sinks, same tables
     out2 = io.StringIO()
-    again: list[Sink] = [WebhookSink(url=receiver.url, name="am"), StdoutSink(name="log", stream=out2)]
+    again: list[Sink] = [WebhookSink(url=receiver.url, name="am"),
+                         StdoutSink(name="log", stream=out2)]
     assert deliver_pending(env.store, env.submit, again, now_us=env.now + 60 * 10**6) == 2
     assert out2.getvalue() == ""
     assert sorted(x["labels"]["alert_id"] for x in receiver.bodies[0]) == sorted(

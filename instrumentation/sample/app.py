@@ -1,4 +1,4 @@
-"""A FHIR-style Flask service over SQLite, audited by phiaudit without audit code.
+"""A FHIR-style Flask service over SQLite (or PostgreSQL), audited by phiaudit without audit code.
 
 Patient, Observation and Encounter under ``/fhir``, a login/logout pair, a ``$export``,
 a notes route outside FHIR, and a disclosure endpoint. Instrumentation is only
@@ -13,6 +13,17 @@ or, with zero code::
 
     PYTHONPATH=instrumentation PHIAUDIT_INSTRUMENTATION_CONFIG=... \\
     OTEL_PYTHON_DISTRO=phiaudit opentelemetry-instrument python -m sample.app --no-instrument
+
+PostgreSQL mode: give a ``postgresql://`` URL instead of a SQLite file (``--db URL`` or the
+``DATABASE_URL`` variable; ``create_app("postgresql://...")``). The database must hold the
+schema and the data already (``seed_postgres(url)`` creates them: a DBA's step, not the
+app's, so the app's own start-up touches no PHI table outside a request). Statements go
+through psycopg 3, traced by ``opentelemetry-instrumentation-psycopg`` with sqlcommenter on:
+each carries ``/*...traceparent='00-<trace>-<span>-01'*/``, which pgAudit logs with it, so
+the database's own audit log joins the application's trace::
+
+    PYTHONPATH=instrumentation DATABASE_URL=postgresql://ehr_app@127.0.0.1:5432/clinic \
+        python -m sample.app --port 8080
 
 All data is synthetic (``p-001``.. ``p-008``, users ``alice``/``bob``, password
 ``synthetic-pw``).
@@ -119,6 +130,50 @@ def _seed(path: str) -> None:
         )
 
 
+#: the schema in PostgreSQL (``notes.id`` is generated there, as SQLite's INTEGER PRIMARY KEY)
+PG_SCHEMA = SCHEMA.replace("notes (id INTEGER PRIMARY KEY", "notes (id SERIAL PRIMARY KEY")
+
+
+def is_postgres(db: str | os.PathLike[str] | None) -> bool:
+    """Whether ``db`` names a PostgreSQL database (a ``postgresql://`` URL)."""
+    return str(db or "").startswith(("postgresql://", "postgres://"))
+
+
+def seed_postgres(url: str, *, audit_off: bool = False) -> None:
+    """Create the schema and the synthetic data in the PostgreSQL database ``url`` (if the
+    patients table is empty). ``audit_off``: ``SET pgaudit.log = 'none'`` for this session
+    first (superuser only), so that set-up is not mistaken for access to PHI."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        if audit_off:
+            conn.execute("SET pgaudit.log = 'none'")
+        with conn.transaction():
+            for stmt in filter(str.strip, PG_SCHEMA.split(";")):
+                conn.execute(stmt)
+            row = conn.execute("SELECT count(*) FROM patients").fetchone()
+            if row and row[0]:
+                return
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO patients VALUES (%s, %s, %s, %s)", PATIENTS)
+                for i, (pid, *_rest) in enumerate(PATIENTS, start=1):
+                    cur.execute(
+                        "INSERT INTO observations VALUES (%s, %s, %s, %s)",
+                        (f"o-{i:03d}", pid, "8867-4", str(60 + i)),
+                    )
+                    cur.execute(
+                        "INSERT INTO encounters VALUES (%s, %s, %s)", (f"e-{i:03d}", pid, "AMB")
+                    )
+                    cur.execute(
+                        "INSERT INTO notes (patient_id, body) VALUES (%s, %s)",
+                        (pid, "synthetic note"),
+                    )
+                cur.executemany(
+                    "INSERT INTO users VALUES (%s, %s, %s)",
+                    [(u, _hash(PASSWORD), r) for u, r in USERS],
+                )
+
+
 def _patient(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     return {
         "resourceType": "Patient",
@@ -144,11 +199,14 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
 ) -> Flask:
     """The Flask application. ``db_path``: SQLite file (created and seeded if needed; a
-    temporary file by default). ``instrument``: apply the Flask and sqlite3
-    instrumentations here with ``tracer_provider`` (default: the global one); pass False
-    when ``opentelemetry-instrument`` already does it."""
+    temporary file by default), or a ``postgresql://`` URL (the database already seeded,
+    see ``seed_postgres``). ``instrument``: apply the Flask and sqlite3 (or psycopg, with
+    sqlcommenter) instrumentations here with ``tracer_provider`` (default: the global one);
+    pass False when ``opentelemetry-instrument`` already does it."""
+    postgres = is_postgres(db_path)
     path = str(db_path or os.path.join(tempfile.mkdtemp(prefix="phiaudit-sample-"), "clinic.db"))
-    _seed(path)
+    if not postgres:
+        _seed(path)
     app = Flask("phiaudit_sample")
     tokens: dict[str, User] = {}
     if instrument:
@@ -157,7 +215,19 @@ def create_app(
         FlaskInstrumentor.instrument_app(app, tracer_provider=tracer_provider)
 
     def db() -> Any:
-        if "db" not in g:
+        if "db" not in g and postgres:
+            import psycopg
+
+            pconn = psycopg.connect(path)
+            if instrument:
+                from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+                # sqlcommenter: the statement carries the traceparent, pgAudit logs it
+                pconn = PsycopgInstrumentor.instrument_connection(
+                    pconn, tracer_provider, enable_commenter=True
+                )
+            g.db = pconn
+        elif "db" not in g:
             conn = sqlite3.connect(path)
             if instrument:
                 from opentelemetry.instrumentation.sqlite3 import SQLite3Instrumentor
@@ -170,7 +240,7 @@ def create_app(
         # a cursor: the sqlite3 instrumentation traces cursor.execute, not the
         # connection's execute shortcut
         cur = db().cursor()
-        cur.execute(sql, params)
+        cur.execute(sql.replace("?", "%s") if postgres else sql, params)
         return cur
 
     @app.teardown_appcontext
@@ -311,7 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     """Serve the sample on ``--port``, auditing to ``--audit-endpoint``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--db", default=None)
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("DATABASE_URL"),
+        help="SQLite file or postgresql:// URL (default: $DATABASE_URL, else a temporary file)",
+    )
     parser.add_argument("--audit-endpoint", default="http://127.0.0.1:4317")
     parser.add_argument(
         "--no-instrument",

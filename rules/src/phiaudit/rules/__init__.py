@@ -6,7 +6,7 @@ Nothing is public yet; the package exists so that the layout and the import cont
 __all__: list[str] = []
 
 # delivery, care relationships (helper "delivery")
-from ._care import OPEN_END_US, CareFileError, care_rows
+from ._care import OPEN_END_US, CareFileError, care_rows, care_rows_from_bytes
 from ._sinks import (
     AlertMessage,
     DeliveryFailed,
@@ -20,5 +20,6 @@ from ._sinks import (
 
 __all__ += [
     "OPEN_END_US", "AlertMessage", "CareFileError", "DeliveryFailed", "OtlpSink", "Sink",
-    "StdoutSink", "WebhookSink", "build_sinks", "care_rows", "deliver_pending",
+    "StdoutSink", "WebhookSink", "build_sinks", "care_rows", "care_rows_from_bytes",
+    "deliver_pending",
 ]

@@ -40,7 +40,7 @@ from typing import Any
 
 from phiaudit.storage import PermanentError
 
-__all__ = ["OPEN_END", "OPEN_END_US", "CareFileError", "care_rows"]
+__all__ = ["OPEN_END", "OPEN_END_US", "CareFileError", "care_rows", "care_rows_from_bytes"]
 
 OPEN_END = _dt.datetime(2299, 12, 31, 23, 59, 59, tzinfo=_dt.UTC)
 OPEN_END_US = int(OPEN_END.timestamp()) * 1_000_000
@@ -149,16 +149,25 @@ def care_rows(path: str | Path, fmt: str, index: Callable[[str, str], str], load
               *, batch_id: str, loaded_us: int | None = None) -> list[list[Any]]:
     """Rows of ``care_relationships`` (``CARE_COLUMNS`` order) from a CSV or FHIR NDJSON file.
     ``index`` is ``BlindIndex(ring)``. Raises ``CareFileError`` listing the bad lines."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise PermanentError(f"{p.name}: cannot read ({exc.strerror})") from None
+    return care_rows_from_bytes(data, fmt, index, loaded_by, batch_id=batch_id,
+                                loaded_us=loaded_us, name=p.name)
+
+
+def care_rows_from_bytes(data: bytes, fmt: str, index: Callable[[str, str], str],
+                         loaded_by: str, *, batch_id: str, loaded_us: int | None = None,
+                         name: str = "care file") -> list[list[Any]]:
+    """``care_rows`` of a file's content (what the service receives from the command line)."""
     if fmt not in ("csv", "fhir"):
         raise PermanentError("care: the format is csv or fhir")
-    p = Path(path)
-    name = p.name
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise CareFileError(name, ["not UTF-8 text"]) from None
-    except OSError as exc:
-        raise PermanentError(f"{name}: cannot read ({exc.strerror})") from None
     now = time.time_ns() // 1000 if loaded_us is None else loaded_us
     entries: list[tuple[int, tuple[str, str, str, str, str]]] = []
     errors: list[str] = []

@@ -97,9 +97,11 @@ class PhiCatalog:
             e_schema, e_table = self._norm_table(entry)
             if not fnmatch.fnmatchcase(table, e_table):
                 continue
-            # bare entry: any schema; unqualified object: its schema is unknown (search_path),
-            # so it matches any qualified entry of that table name (PHI errs on the safe side)
-            if not e_schema or not schema or fnmatch.fnmatchcase(schema, e_schema):
+            # bare entry: any schema. An unqualified object's schema is unknown (search_path):
+            # it matches a qualified entry that names its table (PHI errs on the safe side),
+            # but not a whole-schema entry (``clinical.*``), which would match every table.
+            if not e_schema or (schema and fnmatch.fnmatchcase(schema, e_schema)) or \
+                    (not schema and e_table != "*"):
                 return entry
         return ""
 
@@ -264,7 +266,8 @@ class InfraConfig:
             return False
         if self.sample_rate >= 1:
             return True
-        return int.from_bytes(event_id.bytes[8:16], "big") < self.sample_rate * 2**64
+        # the first 48 bits: uniform in our ids (SHA-256) and in random or name-based UUIDs
+        return int.from_bytes(event_id.bytes[:6], "big") < self.sample_rate * 2**48
 
 
 # -- SQL helpers ----------------------------------------------------------------------------

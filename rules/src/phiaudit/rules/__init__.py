@@ -1,25 +1,32 @@
-"""phiaudit.rules: correlation and anomaly rules compiled to ClickHouse SQL (issue 5).
+"""phiaudit.rules: correlation and anomaly rules, as data, compiled to ClickHouse SQL.
 
-Nothing is public yet; the package exists so that the layout and the import contract hold.
+Rules are YAML (the Sigma vocabulary: detection selections and a condition, correlations
+``event_count``, ``value_count``, ``temporal``, ``temporal_ordered``, ``group-by``,
+``timespan``; plus ``absent``, ``lookup`` and ``none``); see docs/rules.md. Built-in rules
+ship in ``phiaudit/rules/builtin/``. ``RuleEngine`` evaluates them on a schedule with a
+watermark (or over a past period), deduplicates, and appends alerts to the ``alerts`` table::
+
+    config = RulesConfig.from_mapping(service_config.rules)
+    engine = RuleEngine(store, submit, encoder, load_rules(config), config)
+    engine.run_due()            # every interval_s
+    engine.backfill(start_us, end_us)
 """
 
-__all__: list[str] = []
+from ._compile import Compiled, compile_rule
+from ._config import BUILTIN_RULE_IDS, RulesConfig, builtin_rules, load_rules
+from ._engine import RuleEngine, alert_id
+from ._model import Rule, load_rule_file, parse_rule
 
-# delivery, care relationships (helper "delivery")
-from ._care import OPEN_END_US, CareFileError, care_rows, care_rows_from_bytes
-from ._sinks import (
-    AlertMessage,
-    DeliveryFailed,
-    OtlpSink,
-    Sink,
-    StdoutSink,
-    WebhookSink,
-    build_sinks,
-    deliver_pending,
-)
-
-__all__ += [
-    "OPEN_END_US", "AlertMessage", "CareFileError", "DeliveryFailed", "OtlpSink", "Sink",
-    "StdoutSink", "WebhookSink", "build_sinks", "care_rows", "care_rows_from_bytes",
-    "deliver_pending",
+__all__ = [
+    "BUILTIN_RULE_IDS",
+    "Compiled",
+    "Rule",
+    "RuleEngine",
+    "RulesConfig",
+    "alert_id",
+    "builtin_rules",
+    "compile_rule",
+    "load_rule_file",
+    "load_rules",
+    "parse_rule",
 ]

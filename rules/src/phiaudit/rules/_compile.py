@@ -1,0 +1,390 @@
+"""Compilation of a rule to one ClickHouse SELECT over a range of windows.
+
+Windows are ``[end - timespan, end)`` with ``end`` on a grid of ``step`` (multiples of the step
+since the epoch); one query evaluates every window ending in ``(window_from, window_to]`` and
+reads the source only once, from ``window_from - timespan`` to ``window_to``:
+
+* counting correlations (``event_count``, ``value_count``, ``absent``, ``lookup``) first
+  aggregate per group and per step bucket (a count, a ``uniqExactState`` of the counted field,
+  up to 100 event ids), then spread each bucket over the windows that contain it with an
+  ``ARRAY JOIN`` of window ends and merge: the cost grows with the number of (group, bucket)
+  pairs, not with events times windows;
+* ``temporal`` / ``temporal_ordered`` spread the (few) matching events themselves over their
+  windows and test the sequence with ``countIf`` / ``sequenceMatch``;
+* ``none`` gives one row per matching event, in the grid step that contains it.
+
+Every row of the result is one candidate alert: ``window_start``, ``window_end`` (UTC
+microseconds), ``g0..gN`` (the group-by values; ``none`` adds the event id), ``value``,
+``evidence`` (at most 100 event ids), ``evidence_count``, ``trace_ids``.
+
+Identifiers in the SQL are column and table names of ``phiaudit.storage``'s schema, checked
+by the model; every value is a typed query parameter (``{p3:String}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._model import (
+    LOOKUP_TABLES,
+    SCHEDULE_SELECTION,
+    SOURCES,
+    FieldMatch,
+    Param,
+    Rule,
+    Source,
+    column_kind,
+    parse_duration,
+)
+from ._schedule import schedule_sql
+
+__all__ = ["Compiled", "compile_rule", "effective_grid", "rule_hash"]
+
+_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
+EVIDENCE_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A rule's query over one range of windows, and what its result columns mean."""
+
+    rule_id: str
+    sql: str
+    params: dict[str, Any]
+    group_by: tuple[str, ...]
+    step_us: int
+    span_us: int
+    window_from_us: int
+    window_to_us: int
+    hash: str = field(default="")
+
+    def explain(self) -> str:
+        shown = "\n".join(f"  {k} = {v!r}" for k, v in self.params.items())
+        return f"{self.sql}\n-- parameters:\n{shown}\n"
+
+
+class _Binder:
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def __call__(self, value: Any, ch_type: str) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"{{{name}:{ch_type}}}"
+
+
+def effective_grid(rule: Rule, step_s: int) -> tuple[int, int]:
+    """(step, timespan) in seconds: the rule's own step or the engine's; a timespan shorter
+    than the step becomes the step (finer grid); otherwise it is rounded up to a multiple."""
+    c = rule.correlation
+    step = c.step_s or step_s
+    span = c.timespan_s
+    if c.type == "none" or span == 0:
+        return step, step
+    if span < step:
+        return span, span
+    return step, -(-span // step) * step
+
+
+def rule_hash(rule: Rule) -> str:
+    """SHA-256 of what the rule evaluates (definition and parameter values)."""
+    body = json.dumps({
+        "source": rule.source, "condition": rule.condition_text,
+        "selections": repr(sorted(rule.selections.items())),
+        "correlation": repr(rule.correlation), "params": rule.params,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _resolve(rule: Rule, v: Any) -> Any:
+    return rule.params[v.name] if isinstance(v, Param) else v
+
+
+def _values(rule: Rule, m: FieldMatch) -> list[Any]:
+    if isinstance(m.values, Param):
+        raw = rule.params[m.values.name]
+        return list(raw) if isinstance(raw, list) else [raw]
+    out: list[Any] = []
+    for v in m.values:
+        r = _resolve(rule, v)
+        out.extend(r if isinstance(r, list) else [r])
+    return out
+
+
+def _match_sql(rule: Rule, src: Source, m: FieldMatch, bind: _Binder) -> str:
+    col = m.field
+    ch_type = src.columns[col]
+    kind = column_kind(ch_type)
+    values = _values(rule, m)
+    every = "all" in m.modifiers
+    mod = next((x for x in m.modifiers if x != "all"), "")
+    if not values:
+        return "1" if every else "0"
+    scalar = {"number": "UInt64", "bool": "Bool"}.get(kind, "String")
+    if "UUID" in ch_type:
+        scalar = "UUID"
+    joiner = " AND " if every else " OR "
+    if kind == "array":
+        if len(values) == 1:
+            return f"has({col}, {bind(values[0], 'String')})"
+        fn = "hasAll" if every else "hasAny"
+        return f"{fn}({col}, {bind(values, 'Array(String)')})"
+    if mod in _OPS:
+        parts = [f"{col} {_OPS[mod]} {bind(v, scalar)}" for v in values]
+    elif mod == "contains":
+        parts = [f"position({col}, {bind(v, 'String')}) > 0" for v in values]
+    elif mod == "startswith":
+        parts = [f"startsWith({col}, {bind(v, 'String')})" for v in values]
+    elif mod == "endswith":
+        parts = [f"endsWith({col}, {bind(v, 'String')})" for v in values]
+    elif mod == "re":
+        parts = [f"match({col}, {bind(v, 'String')})" for v in values]
+    elif len(values) == 1 or every:
+        parts = [f"{col} = {bind(v, scalar)}" for v in values]
+    else:
+        return f"{col} IN {bind(values, f'Array({scalar})')}"
+    return "(" + joiner.join(parts) + ")" if len(parts) > 1 else parts[0]
+
+
+def _selection_sql(rule: Rule, name: str, bind: _Binder, history: Any) -> str:
+    if name == SCHEDULE_SELECTION:
+        return schedule_sql(rule.params, rule.table.time_column, bind, history)
+    sel = rule.selections[name]
+    alts = []
+    for alt in sel.alternatives:
+        parts = [_match_sql(rule, rule.table, m, bind) for m in alt]
+        alts.append("(" + " AND ".join(parts) + ")" if parts else "1")
+    return "(" + " OR ".join(alts) + ")" if alts else "0"
+
+
+def _condition_sql(rule: Rule, tree: Any, bind: _Binder, history: Any) -> str:
+    op = tree[0]
+    if op == "sel":
+        return _selection_sql(rule, tree[1], bind, history)
+    if op == "not":
+        return f"(NOT {_condition_sql(rule, tree[1], bind, history)})"
+    if op in ("and", "or"):
+        left = _condition_sql(rule, tree[1], bind, history)
+        right = _condition_sql(rule, tree[2], bind, history)
+        return f"({left} {op.upper()} {right})"
+    return "1"
+
+
+def _micro(bind_name: str) -> str:
+    return f"fromUnixTimestamp64Micro({bind_name}, 'UTC')"
+
+
+def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 60,
+                 ) -> Compiled:
+    """One SELECT returning the candidate alerts of every window of ``rule`` that ends in
+    ``(window_from_us, window_to_us]`` on the step grid."""
+    step, span = effective_grid(rule, step_s)
+    step_us, span_us = step * 1_000_000, span * 1_000_000
+    k_lo = window_from_us // step_us + 1
+    k_hi = window_to_us // step_us
+    lo_us = k_lo * step_us - span_us
+    hi_us = k_hi * step_us
+    bind = _Binder()
+    src = rule.table
+    c = rule.correlation
+    t = src.time_column
+    p_lo, p_hi = bind(lo_us, "Int64"), bind(hi_us, "Int64")
+    p_step, p_klo, p_khi = bind(step_us, "Int64"), bind(k_lo, "Int64"), bind(k_hi, "Int64")
+    nsteps = span_us // step_us
+    time_filter = f"{t} >= {_micro(p_lo)} AND {t} < {_micro(p_hi)}"
+
+    def history(tz: str) -> str:
+        days = int(rule.params.get("history_days", 14))
+        k = int(rule.params.get("history_min_events", 3))
+        p_hlo = bind(lo_us - days * 86_400_000_000, "Int64")
+        return (f"SELECT actor_id, toHour({t}, {bind(tz, 'String')}) FROM {src.table} "
+                f"WHERE {t} >= {_micro(p_hlo)} AND {t} < {_micro(p_lo)} "
+                f"AND actor_id IN (SELECT actor_id FROM {src.table} WHERE {time_filter}) "
+                f"GROUP BY 1, 2 HAVING count() >= {bind(k, 'UInt64')}")
+
+    detection = _condition_sql(rule, rule.condition, bind, history)
+    group = list(c.group_by)
+    gsel = [f"{col} AS g{i}" for i, col in enumerate(group)]
+    gnames = [f"g{i}" for i in range(len(group))]
+    trace = src.trace_column
+    trace_col = f"{trace} AS tr" if trace else "'' AS tr"
+    needed = [f"{t} AS t", f"{src.id_column} AS id", trace_col, *gsel]
+    if c.field:
+        needed.append(f"{c.field} AS f")
+    base = _Base(f"SELECT {', '.join(needed)}{_EXTRA} FROM {src.table} "
+                 f"WHERE {time_filter} AND {detection}")
+
+    if c.type == "none":
+        value = "toUInt64(f)" if c.field else "toUInt64(1)"
+        sql = (
+            f"SELECT intDiv(toUnixTimestamp64Micro(t), {p_step}) * {p_step} AS window_start, "
+            f"window_start + {p_step} AS window_end, "
+            + "".join(f"{g}, " for g in gnames)
+            + f"toString(id) AS event, {value} AS value, [id] AS evidence, "
+            "toUInt64(1) AS evidence_count, arrayFilter(x -> x != '', [tr]) AS trace_ids "
+            f"FROM ({base.format(extra='')}) ORDER BY t, id LIMIT 100000")
+        return _done(rule, sql, bind, (*group, "event_id"), step_us, span_us,
+                     window_from_us, window_to_us)
+
+    if c.type in ("temporal", "temporal_ordered"):
+        flags = []
+        for i, st in enumerate(c.steps):
+            flags.append(f"{_selection_sql(rule, st.selection, bind, history)} AS s{i}")
+        inner = base.format(extra=", " + ", ".join(flags))
+        if c.type == "temporal":
+            having = " AND ".join(
+                f"countIf(s{i}) >= {bind(int(_resolve(rule, st.min)), 'UInt64')}"
+                for i, st in enumerate(c.steps))
+        else:
+            pattern = ".*".join(f"(?{i + 1})" for i, st in enumerate(c.steps)
+                                for _ in range(int(_resolve(rule, st.min))))
+            conds = ", ".join(f"s{i} = 1" for i in range(len(c.steps)))
+            having = (f"sequenceMatch({_pattern_literal(pattern)})"
+                      f"(toUInt64(toUnixTimestamp64Micro(t)), {conds})")
+        sql = (
+            f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
+            f"k * {p_step} AS window_end, "
+            + "".join(f"{g}, " for g in gnames)
+            + "count() AS value, "
+            f"groupArray({EVIDENCE_LIMIT})(id) AS evidence, count() AS evidence_count, "
+            f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trace_ids "
+            f"FROM ({inner}) "
+            f"ARRAY JOIN range(greatest(intDiv(toUnixTimestamp64Micro(t), {p_step}) + 1, "
+            f"{p_klo}), least(intDiv(toUnixTimestamp64Micro(t), {p_step}) + "
+            f"{bind(nsteps, 'Int64')}, {p_khi}) + 1) AS k "
+            f"GROUP BY {', '.join([*gnames, 'k'])} HAVING {having} "
+            f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
+        return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us,
+                     window_to_us)
+
+    # counting correlations: event_count, value_count, absent, lookup
+    filtered = base.format(extra="")
+    if c.type == "absent":
+        filtered = _absent_sql(rule, base, bind, lo_us, hi_us)
+    elif c.type == "lookup":
+        filtered = _lookup_sql(rule, base, bind)
+    state = "uniqExactState(f)" if c.type == "value_count" or c.field else "count()"
+    merge = "uniqExactMerge(st)" if c.type == "value_count" or c.field else "sum(st)"
+    thr = bind(int(_resolve(rule, c.threshold)), "UInt64")
+    sql = (
+        f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
+        f"k * {p_step} AS window_end, "
+        + "".join(f"{g}, " for g in gnames)
+        + f"toUInt64({merge}) AS value, "
+        f"arraySlice(groupArrayArray(ev), 1, {EVIDENCE_LIMIT}) AS evidence, "
+        "sum(n) AS evidence_count, "
+        f"arraySlice(arrayDistinct(groupArrayArray(trs)), 1, {EVIDENCE_LIMIT}) AS trace_ids "
+        "FROM ("
+        + f"SELECT {''.join(g + ', ' for g in gnames)}"
+        f"intDiv(toUnixTimestamp64Micro(t), {p_step}) AS b, count() AS n, {state} AS st, "
+        f"groupArray({EVIDENCE_LIMIT})(id) AS ev, "
+        f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trs "
+        f"FROM ({filtered}) GROUP BY {', '.join([*gnames, 'b'])}"
+        ") "
+        f"ARRAY JOIN range(greatest(b + 1, {p_klo}), least(b + {bind(nsteps, 'Int64')}, "
+        f"{p_khi}) + 1) AS k "
+        f"GROUP BY {', '.join([*gnames, 'k'])} HAVING value {_OPS[c.op]} {thr} "
+        f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
+    return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us, window_to_us)
+
+
+_EXTRA = "/*extra columns*/"
+
+
+class _Base:
+    """The filtered source rows; ``format(extra=...)`` adds columns (never via str.format: the
+    text holds ``{pN:Type}`` parameter placeholders)."""
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+
+    def format(self, extra: str) -> str:
+        return self.sql.replace(_EXTRA, extra, 1)
+
+
+def _pattern_literal(pattern: str) -> str:
+    """A sequenceMatch pattern as a SQL literal: built here from step numbers only."""
+    if not pattern or any(ch not in "(?).*0123456789" for ch in pattern):
+        raise ValueError("bad sequence pattern")
+    return "'" + pattern + "'"
+
+
+def _tuple(cols: str, n: int) -> str:
+    return f"({cols})" if n > 1 else cols
+
+
+def _absent_sql(rule: Rule, base: _Base, bind: _Binder, lo_us: int, hi_us: int) -> str:
+    """Events with no row of the other source sharing the match key within +/- within."""
+    c = rule.correlation
+    other = SOURCES[c.other]
+    within = _resolve(rule, c.within_s)
+    if isinstance(within, str):
+        within = parse_duration(within, "within", [])
+    within_us = int(within) * 1_000_000
+    keys = [f"m{i}" for i in range(len(c.match))]
+    extra = "".join(f", {a} AS {k}" for (a, _b), k in zip(c.match, keys, strict=True))
+    ev = base.format(extra=extra)
+    ot = other.time_column
+    p_olo, p_ohi = bind(lo_us - within_us, "Int64"), bind(hi_us + within_us, "Int64")
+    p_within = bind(within_us, "Int64")
+    other_keys = ", ".join(f"{b} AS o{i}" for i, (_a, b) in enumerate(c.match))
+    nonempty = " AND ".join(f"{b} != ''" for _a, b in c.match)
+    in_keys = ", ".join(b for _a, b in c.match)
+    ev_keys = ", ".join(keys)
+    other_sql = (
+        f"SELECT {other_keys}, toUnixTimestamp64Micro(min({ot})) AS o_min, "
+        f"toUnixTimestamp64Micro(max({ot})) AS o_max, count() AS o_n FROM {other.table} "
+        f"WHERE {ot} >= {_micro(p_olo)} AND {ot} < {_micro(p_ohi)} AND {nonempty} "
+        f"AND {_tuple(in_keys, len(c.match))} IN (SELECT {ev_keys} FROM ({ev})) "
+        f"GROUP BY {', '.join(f'o{i}' for i in range(len(c.match)))}")
+    on = " AND ".join(f"e.m{i} = o.o{i}" for i in range(len(c.match)))
+    empty_key = " OR ".join(f"e.m{i} = ''" for i in range(len(c.match)))
+    present = (f"(o.o_n > 0 AND toUnixTimestamp64Micro(e.t) >= o.o_min - {p_within} "
+               f"AND toUnixTimestamp64Micro(e.t) <= o.o_max + {p_within})")
+    absent = f"NOT {present}"
+    if c.empty_is_absent:
+        absent = f"(({empty_key}) OR {absent})"
+    else:
+        absent = f"(NOT ({empty_key}) AND {absent})"
+    cols = ["e.t AS t", "e.id AS id", "e.tr AS tr"]
+    cols += [f"e.g{i} AS g{i}" for i in range(len(c.group_by))]
+    if c.field:
+        cols.append("e.f AS f")
+    return (f"SELECT {', '.join(cols)} FROM ({ev}) AS e LEFT ANY JOIN ({other_sql}) AS o "
+            f"ON {on} WHERE {absent}")
+
+
+def _lookup_sql(rule: Rule, base: _Base, bind: _Binder) -> str:
+    """Events with no row of the reference table on the match keys whose period covers them."""
+    c = rule.correlation
+    cols_ok: Mapping[str, str] = LOOKUP_TABLES[c.table]
+    assert all(b in cols_ok for _a, b in c.match)
+    keys = [f"m{i}" for i in range(len(c.match))]
+    extra = "".join(f", {a} AS {k}" for (a, _b), k in zip(c.match, keys, strict=True))
+    ev = base.format(extra=extra)
+    start, end = c.period
+    ref_keys = ", ".join(f"{b} AS r{i}" for i, (_a, b) in enumerate(c.match))
+    in_keys = ", ".join(b for _a, b in c.match)
+    periods = f"groupArray(({start}, {end}))" if start else "[]"
+    ref_sql = (f"SELECT {ref_keys}, {periods} AS periods, count() AS r_n FROM {c.table} "
+               f"WHERE {_tuple(in_keys, len(c.match))} IN (SELECT {', '.join(keys)} FROM ({ev})) "
+               f"GROUP BY {', '.join(f'r{i}' for i in range(len(c.match)))}")
+    on = " AND ".join(f"e.m{i} = r.r{i}" for i in range(len(c.match)))
+    missing = ("NOT arrayExists(p -> p.1 <= e.t AND e.t < p.2, r.periods)" if start
+               else "r.r_n = 0")
+    cols = ["e.t AS t", "e.id AS id", "e.tr AS tr"]
+    cols += [f"e.g{i} AS g{i}" for i in range(len(c.group_by))]
+    if c.field:
+        cols.append("e.f AS f")
+    return (f"SELECT {', '.join(cols)} FROM ({ev}) AS e LEFT ANY JOIN ({ref_sql}) AS r "
+            f"ON {on} WHERE {missing}")
+
+
+def _done(rule: Rule, sql: str, bind: _Binder, group: tuple[str, ...], step_us: int,
+          span_us: int, window_from_us: int, window_to_us: int) -> Compiled:
+    return Compiled(rule.id, sql, bind.params, group, step_us, span_us, window_from_us,
+                    window_to_us, rule_hash(rule))

@@ -520,6 +520,19 @@ def test_rollups_keep_phi_whole_and_count_the_rest() -> None:
     assert len(off.whole) == 121 and off.rollups == []
 
 
+def test_authentication_records_are_never_rolled_up() -> None:
+    ctx_ = ctx()
+    login_ok = one(parse_cloudtrail(console_login("Success"), ctx_, CAT))
+    login_bad = one(parse_cloudtrail(console_login("Failure"), ctx_, CAT))
+    denied = one(parse_cloudtrail(
+        s3_event("GetObject", "public-web", "a", errorCode="AccessDenied"), ctx_, CAT))
+    listed = one(parse_cloudtrail(s3_event("ListObjects", "public-web", None), ctx_, CAT))
+    rejected = one(parse_vpcflow(flow(dst="10.0.9.9", dp=22, act="REJECT"), ctx_, CAT))
+    res = roll_up([login_ok, login_bad, denied, listed, rejected], CFG)
+    assert res.whole == [login_ok, login_bad, denied]
+    assert res.rolled_up == 2 and {r[4] for r in res.rollups} == {"ListObjects", "REJECT"}
+
+
 def test_sampling_is_deterministic_by_event_id() -> None:
     cfg = InfraConfig.from_mapping({"sample_rate": 0.25})
     evs = events(4000)

@@ -12,7 +12,8 @@ dropped.
 schemas, buckets and prefixes, database endpoints). Records that touch no PHI are rolled up
 per minute (``infra_rollups``) unless ``rollup: false``; ``sample_rate`` of them (chosen by
 event id, so deterministically) are kept whole as well. PHI-touching and unparsed records are
-always kept whole.
+always kept whole, and so are sign-ins and refused cloud API calls (``always_whole``): the
+failed-authentication rules count them one by one in ``infra_events``.
 
 Nothing here ever puts a field value in an exception message or a log line.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "InfraConfig",
     "PhiCatalog",
     "RollupResult",
+    "always_whole",
     "db_span_event",
     "parse_cloudtrail",
     "parse_pgaudit",
@@ -760,16 +762,23 @@ class RollupResult:
     sampled: int = 0                 # of them, kept whole as well
 
 
+def always_whole(ev: InfraEvent) -> bool:
+    """Records never rolled up: PHI-touching, unparsed, and the security records the rules
+    count one by one: sign-ins (any outcome) and refused cloud API calls."""
+    return (ev.phi_touch or ev.parse_status != "ok" or ev.object_type == "login"
+            or (ev.source_kind == "cloudtrail" and ev.outcome == "failure"))
+
+
 def roll_up(events: list[InfraEvent], config: InfraConfig) -> RollupResult:
-    """PHI-touching and unparsed records: whole. The others: per-minute rollup rows (and a
-    deterministic sample kept whole), or whole when ``rollup`` is off."""
+    """PHI-touching, unparsed and authentication records: whole. The others: per-minute
+    rollup rows (and a deterministic sample kept whole), or whole when ``rollup`` is off."""
     if not config.rollup:
         return RollupResult(list(events), [])
     whole: list[InfraEvent] = []
     groups: dict[tuple[int, str, str, str, str, str], list[int]] = {}
     sampled = rolled = 0
     for ev in events:
-        if ev.phi_touch or ev.parse_status != "ok":
+        if always_whole(ev):
             whole.append(ev)
             continue
         keep = config.sampled(ev.event_id)

@@ -12,20 +12,43 @@ watermark (or over a past period), deduplicates, and appends alerts to the ``ale
     engine.backfill(start_us, end_us)
 """
 
+from ._care import OPEN_END_US, CareFileError, care_rows, care_rows_from_bytes
 from ._compile import Compiled, compile_rule
 from ._config import BUILTIN_RULE_IDS, RulesConfig, builtin_rules, load_rules
 from ._engine import RuleEngine, alert_id
 from ._model import Rule, load_rule_file, parse_rule
+from ._sinks import (
+    AlertMessage,
+    DeliveryFailed,
+    OtlpSink,
+    Sink,
+    StdoutSink,
+    WebhookSink,
+    build_sinks,
+    deliver_pending,
+)
 
 __all__ = [
     "BUILTIN_RULE_IDS",
+    "OPEN_END_US",
+    "AlertMessage",
+    "CareFileError",
     "Compiled",
+    "DeliveryFailed",
+    "OtlpSink",
     "Rule",
     "RuleEngine",
     "RulesConfig",
+    "Sink",
+    "StdoutSink",
+    "WebhookSink",
     "alert_id",
+    "build_sinks",
     "builtin_rules",
+    "care_rows",
+    "care_rows_from_bytes",
     "compile_rule",
+    "deliver_pending",
     "load_rule_file",
     "load_rules",
     "parse_rule",

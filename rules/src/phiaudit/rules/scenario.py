@@ -559,7 +559,7 @@ class _Builder:
     def infra_background(self) -> None:
         """Infrastructure records that touch no PHI: they must never raise app-bypass."""
         rng = self.rng
-        t = self.start_us
+        t = last_typo = self.start_us
         while t < self.end_us:
             t += rng.randint(2 * _MIN, 12 * _MIN)
             kind = rng.choice(("pg", "flow", "cloud", "console"))
@@ -584,14 +584,23 @@ class _Builder:
                                 object=key, outcome="success", record_count=1,
                                 raw='{"eventVersion":"1.09","eventSource":"s3.amazonaws.com",'
                                     '"eventName":"GetObject"}')
-            else:
-                ev = InfraEvent(self.uid(), t, t + 300_000_000, "cloudtrail", source="cloudtrail",
-                                actor_id="arn:aws:iam::123456789012:user/ops", client_address=
-                                "10.0.8.20", operation="ConsoleLogin", object_type="login",
-                                object="signin.aws.amazon.com", outcome="success",
-                                raw='{"eventVersion":"1.09","eventSource":'
-                                    '"signin.amazonaws.com","eventName":"ConsoleLogin"}')
+            else:  # an operator signs in to the cloud console, mistyping at most once an hour
+                typo = rng.random() < 0.1 and t - last_typo > _HOUR
+                last_typo = t if typo else last_typo
+                self.console_login(t, "arn:aws:iam::123456789012:user/ops", "10.0.8.20",
+                                   "failure" if typo else "success")
+                continue
             self.infra.append(ev)
+
+    def console_login(self, t: int, actor: str, client: str, outcome: str) -> InfraEvent:
+        ev = InfraEvent(self.uid(), t, t + 300_000_000, "cloudtrail", source="cloudtrail",
+                        actor_id=actor, client_address=client, operation="ConsoleLogin",
+                        object_type="login", object="signin.aws.amazon.com", outcome=outcome,
+                        raw='{"eventVersion":"1.09","eventSource":"signin.amazonaws.com",'
+                            '"eventName":"ConsoleLogin","responseElements":{"ConsoleLogin":"'
+                            + ("Failure" if outcome == "failure" else "Success") + '"}}')
+        self.infra.append(ev)
+        return ev
 
     def trail_reads(self) -> None:
         """The compliance team reads the audit trail (allowed); one mistyped query errors."""
@@ -745,6 +754,14 @@ class _Builder:
         self.infra.append(ev_i)
         self.label("app-bypass", "a cloud read of a PHI object outside the application",
                    [ev_i], "infra_events")
+
+        # failed cloud console logins: someone guesses an administrator's password
+        t0 = self.local_us(1, 3, 15)
+        guesses_i = [self.console_login(t, "arn:aws:iam::123456789012:user/admin",
+                                        "192.0.2.80", "failure")
+                     for t in self.times(t0, t0 + 6 * _MIN, 9)]
+        self.label("failed-auth-cloud", "nine failed console logins for one IAM user",
+                   guesses_i, "infra_events")
 
         # refused audit-trail reads: an unauthenticated caller and a billing user try
         t0 = self.local_us(1, 10, 12)

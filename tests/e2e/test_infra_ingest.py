@@ -118,7 +118,7 @@ def send_all(address: str, only_whole: bool = False) -> None:
            T_NS + 1)]
     cloud = [(json.dumps(CT_PHI), {}, 0), (json.dumps(CT_LOGIN), {}, 0),
              (JUNK, {"aws.s3.key": "AWSLogs/x.json.gz"}, T_NS)]
-    flows = [(FLOW_PHI, {}, 0)]
+    flows: list[tuple[str, dict[str, Any], int]] = [(FLOW_PHI, {}, 0)]
     if not only_whole:
         pg += [(line, {"phi.infra.kind": "pgaudit"}, T_NS) for line in PG_OTHER]
         pg += [("garbage that is no audit line", {"phi.infra.kind": "pgaudit"}, T_NS),

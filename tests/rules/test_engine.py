@@ -1,0 +1,461 @@
+"""The rule engine against a real embedded store: every built-in rule fires on a positive case
+and stays quiet on a near miss; watermarks, lateness, overlapping windows, backfill
+idempotence; alert summaries free of PHI.
+
+Each test uses its own time range and renamed copies of the rules (their own watermarks and
+alerts) over one store shared by this process (one chDB engine per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phiaudit.rules import Rule, RuleEngine, RulesConfig, builtin_rules
+from phiaudit.storage import (
+    ACCESS_LOG_COLUMNS,
+    ALERT_COLUMNS,
+    AUDIT_COLUMNS,
+    CARE_COLUMNS,
+    INFRA_COLUMNS,
+    RULE_RUN_COLUMNS,
+    AccessRecord,
+    Alert,
+    AuditEvent,
+    BatchWriter,
+    BlindIndex,
+    FieldCipher,
+    InfraEvent,
+    KeyRing,
+    RecordEncoder,
+    Store,
+    StoreLocation,
+    TableSpec,
+    migrate,
+)
+
+S = 1_000_000  # microseconds per second
+MIN = 60 * S
+HOUR = 3600 * S
+DAY = 86400 * S
+#: a Monday, 00:00 UTC; each test gets its own week after it
+EPOCH = int(dt.datetime(2026, 1, 5, tzinfo=dt.UTC).timestamp()) * S
+
+
+@dataclass
+class Env:
+    store: Store
+    writer: BatchWriter
+    encoder: RecordEncoder
+    index: BlindIndex
+
+    def submit(self, tables: dict[str, list[list[Any]]]) -> None:
+        # a unique key: with None the writer's dedup token of unchained tables may repeat
+        self.writer.submit(uuid.uuid4().bytes, tables).result(60)
+
+    def write(self, events: Sequence[AuditEvent | InfraEvent] = (),
+              access: Sequence[tuple[AccessRecord, int]] = (),
+              care: Sequence[list[Any]] = ()) -> None:
+        tables: dict[str, list[list[Any]]] = {}
+        audit = [self.encoder.audit_row(e) for e in events if isinstance(e, AuditEvent)]
+        infra = [self.encoder.infra_row(e) for e in events if isinstance(e, InfraEvent)]
+        for name, rows in (("audit_events", audit), ("infra_events", infra),
+                           ("access_log", [self.encoder.access_row(r, t) for r, t in access]),
+                           ("care_relationships", list(care))):
+            if rows:
+                tables[name] = rows
+        self.submit(tables)
+
+    def alerts(self, rule_id: str) -> list[dict[str, Any]]:
+        cols, rows = self.store.query(
+            "SELECT alert_id, rule_id, group_key, summary, value, evidence, evidence_count, "
+            "trace_ids, mode, toUnixTimestamp64Micro(window_start) AS ws, "
+            "toUnixTimestamp64Micro(window_end) AS we FROM alerts "
+            "WHERE rule_id = {r:String} ORDER BY ws", {"r": rule_id})
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def engine(self, rules: Sequence[Rule], **config: Any) -> RuleEngine:
+        return RuleEngine(self.store, self.submit, self.encoder, rules,
+                          RulesConfig.from_mapping(config))
+
+
+_ENV: Env | None = None
+
+
+def shared_env(root: Path) -> Env:
+    """The process's one store (chDB opens one data directory per process)."""
+    global _ENV
+    if _ENV is None:
+        data = root / "rules-store"
+        loc = StoreLocation(data_dir=data)
+        migrate(loc)
+        store = Store.open(loc)
+        ring = KeyRing.open(data)
+        writer = BatchWriter(store, "rules-tests", [
+            TableSpec("audit_events", AUDIT_COLUMNS, True, "event_id"),
+            TableSpec("infra_events", INFRA_COLUMNS, True, "event_id"),
+            TableSpec("access_log", ACCESS_LOG_COLUMNS, True),
+            TableSpec("alerts", ALERT_COLUMNS, True, "alert_id"),
+            TableSpec("care_relationships", CARE_COLUMNS, False),
+            TableSpec("rule_runs", RULE_RUN_COLUMNS, False),
+        ], max_wait=0.01)
+        writer.start()
+        _ENV = Env(store, writer, RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
+                   BlindIndex(ring))
+    return _ENV
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    e = shared_env(tmp_path_factory.getbasetemp())
+    yield e
+
+
+_weeks = iter(range(1, 10_000))
+
+
+@pytest.fixture
+def base() -> int:
+    """A Monday 00:00 UTC that no other test of this module uses."""
+    return EPOCH + next(_weeks) * 7 * DAY
+
+
+def rule(rule_id: str, **settings: Any) -> Rule:
+    """A renamed copy of a built-in rule (its own watermark and alerts), with settings."""
+    r = next(r for r in builtin_rules() if r.id == rule_id)
+    if settings:
+        r = r.with_settings(settings)
+    return dataclasses.replace(r, id=f"{rule_id}-{uuid.uuid4().hex[:8]}")
+
+
+def audit(t: int, action: str = "read", outcome: str = "success", actor: str = "dr-a",
+          patient: str = "", roles: Sequence[str] = ("physician",), client: str = "",
+          trace: str = "", count: int = 0, purpose: str = "") -> AuditEvent:
+    return AuditEvent(uuid.uuid4(), t, t, action, outcome, actor_id=actor,
+                      actor_roles=list(roles), patient_id=patient,
+                      resource_type="Patient" if patient else "",
+                      resource_id=patient, client_address=client, trace_id=trace,
+                      record_count=count, purpose=purpose, service_name="ehr-api")
+
+
+def infra(t: int, kind: str = "pgaudit", phi: bool = True, trace: str = "",
+          actor: str = "app_rw", operation: str = "SELECT", outcome: str = "success",
+          ) -> InfraEvent:
+    return InfraEvent(uuid.uuid4(), t, t, kind, actor_id=actor, operation=operation,
+                      object_type="table", object="public.patients" if phi else "public.x",
+                      phi_touch=phi, phi_object="public.patients" if phi else "",
+                      outcome=outcome, trace_id=trace, raw="AUDIT: SESSION,...",
+                      client_address="10.1.2.3")
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+PHI_STRINGS = ("pat-", "10.1.2.3", "203.0.113.", "public.patients")
+
+
+def assert_no_phi(alerts: Sequence[Alert | dict[str, Any]]) -> None:
+    for a in alerts:
+        summary = a.summary if isinstance(a, Alert) else a["summary"]
+        key = a.group_key if isinstance(a, Alert) else a["group_key"]
+        for s in PHI_STRINGS:
+            assert s not in summary and s not in key
+
+
+def backfill(env: Env, r: Rule, start: int, end: int, **config: Any) -> list[Alert]:
+    alerts = env.engine([r], **config).backfill(start, end)
+    assert_no_phi(alerts)
+    return alerts
+
+
+Case = Callable[[Env, int], None]
+
+
+# -- the built-in rules ----------------------------------------------------------------------
+
+def test_bulk_access(env: Env, base: int) -> None:
+    r = rule("bulk-access", threshold=5)
+    a, b = "bulk-" + uid(), "near-" + uid()
+    t = base + 10 * HOUR
+    env.write([audit(t + i * S, actor=a, patient=f"pat-{i}") for i in range(6)]
+              + [audit(t + i * S, actor=b, patient=f"pat-{i % 5}") for i in range(9)]
+              + [audit(t + 30 * S, action="login", actor=b, patient="pat-99")])
+    alerts = backfill(env, r, base, base + DAY)
+    assert [(x.group_key, x.value) for x in alerts] == [(f'{{"actor_id":"{a}"}}', 6)]
+    assert alerts[0].evidence_count == 6 and len(alerts[0].evidence) == 6
+    assert a in alerts[0].summary and "6 distinct patients" in alerts[0].summary
+
+
+def test_large_export(env: Env, base: int) -> None:
+    r = rule("large-export", max_records=1000)
+    a = "exp-" + uid()
+    t = base + 3 * HOUR
+    big = audit(t, action="export", actor=a, count=1001, patient="pat-1")
+    env.write([big, audit(t + S, action="export", actor=a, count=1000),
+               audit(t + 2 * S, action="read", actor=a, count=5000)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert len(alerts) == 1 and alerts[0].evidence == [big.event_id]
+    assert alerts[0].value == 1001 and "1001 records" in alerts[0].summary
+
+
+def test_off_hours_schedule_roles_users_and_time_zone(env: Env, base: int) -> None:
+    r = rule("off-hours", schedule={
+        "timezone": "UTC", "days": ["mon", "tue", "wed", "thu", "fri"], "hours": [7, 19],
+        "roles": {"nurse": {"days": "all", "hours": [0, 24]}},
+        "users": {"dr-ny": {"timezone": "America/New_York", "hours": [8, 18]}}})
+    night, day, nurse = "night-" + uid(), "day-" + uid(), "nurse-" + uid()
+    env.write([
+        audit(base + 3 * HOUR, actor=night, patient="pat-1"),           # Mon 03:00 UTC
+        audit(base + 10 * HOUR, actor=day, patient="pat-1"),            # Mon 10:00
+        audit(base + 5 * DAY + 11 * HOUR, actor=day, patient="pat-1"),  # Sat 11:00
+        audit(base + 3 * HOUR, actor=nurse, roles=["nurse"], patient="pat-1"),
+        audit(base + 3 * HOUR, actor=night, action="login"),  # not an access to data
+    ])
+    # dr-ny works 08-18 New York time (13:00-23:00 UTC in January)
+    env.write([audit(base + 22 * HOUR, actor="dr-ny", patient="pat-2"),   # 17:00 NY
+               audit(base + 1 * DAY + 12 * HOUR, actor="dr-ny", patient="pat-2")])  # 07:00 NY
+    alerts = backfill(env, r, base, base + 7 * DAY)
+    got = sorted((x.group_key, x.window_start_us <= t < x.window_end_us)
+                 for x in alerts for t in [x.window_end_us - 1])
+    keys = sorted(x.group_key for x in alerts)
+    assert keys == sorted([f'{{"actor_id":"{night}"}}', f'{{"actor_id":"{day}"}}',
+                           '{"actor_id":"dr-ny"}']), got
+    ny = next(x for x in alerts if "dr-ny" in x.group_key)
+    assert ny.window_start_us <= base + DAY + 12 * HOUR < ny.window_end_us
+
+
+def test_off_hours_history_baseline(env: Env, base: int) -> None:
+    r = rule("off-hours", baseline="history", history_days=7, history_min_events=3)
+    a = "hist-" + uid()
+    # a week of work at 10:00 UTC, every day
+    env.write([audit(base + d * DAY + 10 * HOUR + i * MIN, actor=a, patient="pat-1")
+               for d in range(7) for i in range(2)])
+    t_usual, t_odd = base + 7 * DAY + 10 * HOUR + 30 * MIN, base + 7 * DAY + 3 * HOUR
+    env.write([audit(t_usual, actor=a, patient="pat-1"), audit(t_odd, actor=a, patient="pat-1")])
+    alerts = backfill(env, r, base + 7 * DAY, base + 8 * DAY)
+    assert len(alerts) == 1
+    assert alerts[0].window_start_us <= t_odd < alerts[0].window_end_us
+
+
+def test_failed_auth_user(env: Env, base: int) -> None:
+    r = rule("failed-auth-user", threshold=5)
+    a, b = "fail-" + uid(), "fail4-" + uid()
+    t = base + 9 * HOUR
+    env.write([audit(t + i * 30 * S, "login", "failure", actor=a) for i in range(5)]
+              + [audit(t + i * 30 * S, "login", "failure", actor=b) for i in range(4)]
+              + [audit(t + 20 * MIN, "login", "failure", actor=b)])  # outside b's 10m
+    alerts = backfill(env, r, base, base + DAY)
+    assert [(x.group_key, x.value) for x in alerts] == [(f'{{"actor_id":"{a}"}}', 5)]
+
+
+def test_failed_auth_source(env: Env, base: int) -> None:
+    r = rule("failed-auth-source", threshold=10)
+    ip, other = "203.0.113.7", "203.0.113.8"
+    t = base + 9 * HOUR
+    env.write([audit(t + i * S, "login", "failure", actor=f"u{i}", client=ip)
+               for i in range(10)]
+              + [audit(t + i * S, "login", "failure", actor=f"u{i}", client=other)
+                 for i in range(9)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert len(alerts) == 1 and alerts[0].value == 10
+    assert env.index("client", ip) in alerts[0].group_key  # the blind index, never the address
+    assert ip not in alerts[0].summary + alerts[0].group_key
+
+
+def test_success_after_failures(env: Env, base: int) -> None:
+    r = rule("success-after-failures", failures=3)
+    a, b, c = "saf-" + uid(), "before-" + uid(), "two-" + uid()
+    t = base + 8 * HOUR
+    env.write(
+        [audit(t + i * 10 * S, "login", "failure", actor=a) for i in range(3)]
+        + [audit(t + 40 * S, "login", "success", actor=a)]
+        # b: the success comes first
+        + [audit(t, "login", "success", actor=b)]
+        + [audit(t + (i + 1) * 10 * S, "login", "failure", actor=b) for i in range(3)]
+        # c: only two failures
+        + [audit(t + i * 10 * S, "login", "failure", actor=c) for i in range(2)]
+        + [audit(t + 40 * S, "login", "success", actor=c)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert [x.group_key for x in alerts] == [f'{{"actor_id":"{a}"}}']
+    assert alerts[0].evidence_count == 4
+
+
+def test_no_care_relationship(env: Env, base: int) -> None:
+    r = rule("no-care-relationship")
+    a = "care-" + uid()
+    t = base + 10 * HOUR
+    p1 = env.index("patient", "pat-care-1")
+    env.write(care=[[a, p1, base, base + 2 * DAY, "encounter", "b1", base, "test"]])
+    env.write([audit(t, actor=a, patient="pat-care-1")])                       # covered
+    alerts = backfill(env, r, base, base + DAY)
+    assert alerts == []
+    late = audit(base + 3 * DAY, actor=a, patient="pat-care-1")                # after the end
+    other = audit(base + 3 * DAY + MIN, actor=a, patient="pat-care-2")         # never related
+    glass = audit(base + 3 * DAY + 2 * MIN, actor=a, patient="pat-care-3", purpose="ETREAT")
+    env.write([late, other, glass])
+    alerts = backfill(env, r, base + DAY, base + 4 * DAY)
+    # the first window with one such patient raises; the next one starts after it ends
+    assert sum(x.value for x in alerts) == 2
+    assert {e for x in alerts for e in x.evidence} == {late.event_id, other.event_id}
+
+
+def test_break_glass(env: Env, base: int) -> None:
+    r = rule("break-glass")
+    a = "bg-" + uid()
+    t = base + 2 * HOUR
+    glass = audit(t, action="break_glass", actor=a, patient="pat-1", purpose="ETREAT")
+    glass2 = audit(t + S, action="break_glass", actor=a, patient="pat-2", purpose="ETREAT")
+    env.write([glass, glass2, audit(t, actor=a, patient="pat-1", purpose="ETREAT")])
+    alerts = backfill(env, r, base, base + DAY)
+    assert sorted(x.evidence[0] for x in alerts) == sorted([glass.event_id, glass2.event_id])
+    assert all(x.evidence_count == 1 for x in alerts)
+
+
+def test_app_bypass(env: Env, base: int) -> None:
+    r = rule("app-bypass")
+    t = base + 14 * HOUR
+    tr_app, tr_alone = uuid.uuid4().hex, uuid.uuid4().hex
+    via_app = infra(t + 2 * S, trace=tr_app, actor="app_rw")
+    alone = infra(t + 5 * S, trace=tr_alone, actor="dba_bob")
+    no_trace = infra(t + 6 * S, trace="", actor="dba_bob")
+    cloud = infra(t + 7 * S, kind="cloudtrail", trace="", actor="arn:aws:iam::1:user/x",
+                  operation="GetObject")
+    env.write([audit(t, actor="dr-a", patient="pat-1", trace=tr_app), via_app, alone,
+               no_trace, cloud,
+               infra(t + 8 * S, phi=False, trace="", actor="dba_bob"),    # not PHI
+               infra(t + 9 * S, kind="db_span", trace="", actor="app_rw")])  # app's own span
+    alerts = backfill(env, r, base, base + DAY)
+    by_key = {x.group_key: x for x in alerts}
+    assert set(by_key) == {'{"actor_id":"dba_bob","source_kind":"pgaudit"}',
+                           '{"actor_id":"arn:aws:iam::1:user/x","source_kind":"cloudtrail"}'}
+    bob = by_key['{"actor_id":"dba_bob","source_kind":"pgaudit"}']
+    assert set(bob.evidence) == {alone.event_id, no_trace.event_id}
+    assert bob.trace_ids == [tr_alone]
+
+
+def test_app_bypass_audit_event_too_far_away(env: Env, base: int) -> None:
+    r = rule("app-bypass", within="1m")
+    t = base + 14 * HOUR
+    tr = uuid.uuid4().hex
+    far = infra(t + 10 * MIN, trace=tr, actor="app_" + uid())
+    env.write([audit(t, actor="dr-a", patient="pat-1", trace=tr), far])
+    alerts = backfill(env, r, base, base + DAY)
+    assert [x.evidence for x in alerts] == [[far.event_id]]
+
+
+def test_audit_read_refused(env: Env, base: int) -> None:
+    r = rule("audit-read-refused")
+    p = "mallory-" + uid()
+    t = base + HOUR
+    env.write(access=[
+        (AccessRecord(p, "auditor", "service", "SELECT * FROM audit_events", True, 0,
+                      "denied", "role may not decrypt"), t),
+        (AccessRecord(p, "auditor", "service", "SELECT 1", False, 1, "ok"), t + S),
+        (AccessRecord("alice-" + uid(), "auditor", "service", "SELECT 1", False, 1, "ok"),
+         t + 2 * S)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert [(x.group_key, x.value) for x in alerts] == [(f'{{"principal":"{p}"}}', 1)]
+
+
+def test_failed_auth_cloud(env: Env, base: int) -> None:
+    r = rule("failed-auth-cloud", threshold=5)
+    a = "arn:aws:iam::1:user/" + uid()
+    t = base + HOUR
+    env.write([infra(t + i * S, kind="cloudtrail", phi=False, actor=a, operation="ConsoleLogin",
+                     outcome="failure") for i in range(5)]
+              + [infra(t + i * S, kind="cloudtrail", phi=False, actor=a + "x",
+                       operation="ConsoleLogin", outcome="failure") for i in range(4)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert [x.value for x in alerts] == [5]
+
+
+# -- scheduling, watermark, dedup ----------------------------------------------------------
+
+def test_run_due_watermark_lateness_and_no_repeat(env: Env, base: int) -> None:
+    r = rule("failed-auth-user", threshold=2)
+    eng = env.engine([r], lateness_s=120, step_s=60)
+    a = "wm-" + uid()
+    now = base + 12 * HOUR
+    assert eng.run_due(now) == []                 # first run: one step, sets the watermark
+    _, rows = env.store.query(
+        "SELECT toUnixTimestamp64Micro(max(window_to)) FROM rule_runs WHERE rule_id = {r:String}",
+        {"r": r.id})
+    mark = rows[0][0]
+    assert mark == (now - 120 * S) // MIN * MIN
+    t = mark + 30 * S                             # in the window ending at mark + 1 min
+    env.write([audit(t, "login", "failure", actor=a)])
+    assert eng.run_due(t + 10 * S) == []          # that window is not due yet
+    # a second failure arrives late (100 s after it happened), inside the lateness
+    env.write([audit(t + 5 * S, "login", "failure", actor=a)])
+    alerts = eng.run_due(mark + MIN + 120 * S)    # the window ending at mark+1m is now due
+    assert [(x.group_key, x.value) for x in alerts] == [(f'{{"actor_id":"{a}"}}', 2)]
+    assert eng.run_due(mark + MIN + 120 * S) == []
+    assert eng.run_due(mark + 5 * MIN + 120 * S) == []  # overlapping later windows: nothing
+    stored = env.alerts(r.id)
+    assert len(stored) == 1 and stored[0]["mode"] == "scheduled"
+    _, runs = env.store.query(
+        "SELECT count(), sum(alerts) FROM rule_runs WHERE rule_id = {r:String}", {"r": r.id})
+    assert runs[0][1] == 1 and runs[0][0] >= 3
+
+
+def test_overlapping_windows_give_one_alert(env: Env, base: int) -> None:
+    r = rule("failed-auth-user", threshold=2)
+    a = "ov-" + uid()
+    t = base + 5 * HOUR
+    env.write([audit(t + i * 10 * S, "login", "failure", actor=a) for i in range(3)])
+    alerts = backfill(env, r, base, base + DAY)
+    assert len(alerts) == 1                            # ten candidate windows, one alert
+    assert alerts[0].window_start_us <= t + 10 * S < alerts[0].window_end_us
+    # much later, a new burst: a new alert (windows do not overlap)
+    env.write([audit(t + HOUR + i * S, "login", "failure", actor=a) for i in range(2)])
+    again = backfill(env, r, base, base + DAY)
+    assert len(again) == 1 and again[0].window_start_us > alerts[0].window_end_us - 1
+
+
+def test_backfill_is_idempotent(env: Env, base: int) -> None:
+    r = rule("bulk-access", threshold=2)
+    a = "bf-" + uid()
+    env.write([audit(base + d * DAY + 10 * HOUR + i * S, actor=a, patient=f"pat-{i}")
+               for d in range(3) for i in range(3)])
+    first = backfill(env, r, base, base + 3 * DAY)
+    assert len(first) == 3 and all(x.mode == "backfill" for x in first)
+    assert backfill(env, r, base, base + 3 * DAY) == []
+    assert backfill(env, r, base + DAY, base + 2 * DAY) == []
+    assert len(env.alerts(r.id)) == 3
+    # a scheduled run over the same period adds nothing either
+    eng = env.engine([r], lateness_s=0)
+    eng.run_due(base)  # first run: sets the watermark one step before base
+    assert eng.run_due(base + 3 * DAY) == []
+
+
+def test_alert_ids_are_deterministic(env: Env, base: int) -> None:
+    from phiaudit.rules import alert_id
+
+    r = rule("break-glass")
+    glass = audit(base + HOUR, action="break_glass", actor="bg-" + uid(), patient="pat-1")
+    env.write([glass])
+    dry = env.engine([r]).evaluate(r, base, base + DAY)
+    real = backfill(env, r, base, base + DAY)
+    assert [x.alert_id for x in dry] == [x.alert_id for x in real]
+    assert real[0].alert_id == alert_id(r.id, real[0].group_key, real[0].window_start_us)
+    assert env.engine([r]).evaluate(r, base, base + DAY) == []  # stored now
+
+
+def test_every_builtin_rule_runs_on_the_store(env: Env, base: int) -> None:
+    rules = [dataclasses.replace(r, id=f"{r.id}-{uid()}") for r in builtin_rules()]
+    eng = env.engine(rules)
+    assert eng.run_due(base + HOUR) == []  # nothing happened in this week
+    _, rows = env.store.query("SELECT count() FROM rule_runs WHERE rule_id IN {r:Array(String)}",
+                              {"r": [r.id for r in rules]})
+    assert rows[0][0] == len(rules)
+    for r in rules:
+        assert f"rule {r.id} " in eng.explain(r.id) and "-- parameters:" in eng.explain(r.id)
+    assert eng.backfill(base, base + DAY) == []

@@ -353,6 +353,9 @@ def test_vpcflow_lines() -> None:
     assert ev.phi_touch and ev.object == "10.0.5.7:5432" and ev.client_address == "10.0.1.5"
     ev = one(parse_vpcflow(flow(dst="10.0.9.9", dp=443, act="REJECT"), ctx(), CAT))
     assert (ev.outcome, ev.phi_touch) == ("failure", False)
+    # a reply from any service: the object is still the service's end
+    ev = one(parse_vpcflow(flow("10.0.9.9", "10.0.1.5", 443, 51000), ctx(), CAT))
+    assert (ev.object, ev.client_address, ev.phi_touch) == ("10.0.9.9:443", "10.0.1.5", False)
     ev = one(parse_vpcflow(flow("fd00::9", "fd00::5"), ctx(), CAT))
     assert ev.phi_touch
 

@@ -613,6 +613,7 @@ def _dumps(v: Any) -> str:
 
 # VPC flow logs (version 2) ---------------------------------------------------------------
 
+_EPHEMERAL = 32768  # the usual start of ephemeral (client) ports
 _FLOW_HEADER = "version account-id interface-id srcaddr dstaddr srcport dstport protocol " \
                "packets bytes start end action log-status"
 
@@ -643,12 +644,13 @@ def _flow_one(line: str, ctx: RecordContext, catalog: PhiCatalog, index: int,
     except ValueError:
         out.events.append(_unparsed("vpcflow", line, ctx, index))
         return
-    obj, entry = f"{dst}:{dp}", catalog.match_endpoint(dst, dp)
-    client = src
-    if not entry:  # the reply direction: the PHI endpoint is the source
-        entry = catalog.match_endpoint(src, sp)
-        if entry:
-            obj, client = f"{src}:{sp}", dst
+    # the object is the server's end: the destination, unless the source is a PHI endpoint
+    # or the flow is a reply (from a service port to an ephemeral one)
+    obj, client, entry = f"{dst}:{dp}", src, catalog.match_endpoint(dst, dp)
+    if not entry:
+        src_entry = catalog.match_endpoint(src, sp)
+        if src_entry or (dp >= _EPHEMERAL > sp):
+            obj, client, entry = f"{src}:{sp}", dst, src_entry
     out.events.append(InfraEvent(
         eid, t, ctx.now_us, "vpcflow", client_address=client, operation=action,
         object_type="endpoint", object=obj, phi_touch=bool(entry), phi_object=entry,

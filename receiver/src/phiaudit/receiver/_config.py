@@ -161,8 +161,28 @@ class ServiceConfig:
             InfraConfig.from_mapping(self.infra)
         except ConfigError as exc:
             errors += exc.errors
+        errors += _rules_errors(self.rules)
         if errors:
             raise ConfigError(errors)
+
+
+def _rules_errors(section: Any) -> list[str]:
+    """The ``rules:`` section's errors: its keys, its sinks, its rule files and settings."""
+    from phiaudit.rules import RulesConfig, build_sinks, load_rules
+
+    if not isinstance(section, dict):
+        return ["rules: must be a mapping"]
+    try:
+        rules = RulesConfig.from_mapping(section)
+    except ConfigError as exc:
+        return exc.errors
+    errors: list[str] = []
+    for check in (lambda: build_sinks(list(rules.sinks)), lambda: load_rules(rules)):
+        try:
+            check()
+        except ConfigError as exc:
+            errors += exc.errors
+    return errors
 
 
 def _is_loopback(host: str) -> bool:

@@ -191,9 +191,85 @@ class _Query:
         return json.dumps(snap).encode()
 
 
+class _Rules:
+    """``phiaudit.v1.Rules/{List,Explain,Run}``, ``phiaudit.v1.Alerts/List`` and
+    ``phiaudit.v1.Care/Load``: JSON in, JSON out, the credential in ``authorization``; each
+    call is checked and recorded in access_log by ``RulesOps``."""
+
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+
+    async def _call(self, raw: bytes, context: grpc.aio.ServicerContext, op: str) -> bytes:
+        from phiaudit.storage import ConfigError
+
+        from ._rules_service import RulesOps
+
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[7:]
+        try:
+            req = json.loads(raw or b"{}")
+            if not isinstance(req, dict):
+                raise TypeError
+        except (ValueError, TypeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a JSON object")
+        scheduler: Any = getattr(self.svc, "_rules", None)
+        local: Any = getattr(self.svc, "_local", None)
+        if scheduler is None or local is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the rule engine is not running")
+        ops = RulesOps(local, scheduler, "service")
+
+        def run() -> Any:
+            if op == "list":
+                return ops.list_rules(token)
+            if op == "explain":
+                return {"sql": ops.explain(token, str(req.get("rule", "")))}
+            if op == "run":
+                window = req.get("backfill")
+                return ops.run(token, (int(window[0]), int(window[1])) if window else None)
+            if op == "alerts":
+                return ops.alerts(token, since_us=int(req.get("since_us", 0)),
+                                  rule=str(req.get("rule", "")),
+                                  limit=int(req.get("limit", 1000)))
+            import base64
+
+            return ops.care_load(token, base64.b64decode(str(req.get("data", ""))),
+                                 str(req.get("format", "csv")))
+
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, run)
+        except AccessDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except (PermanentError, ConfigError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (ValueError, TypeError, IndexError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        except PhiAuditError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return json.dumps(result, default=str).encode()
+
+    async def list(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(raw, context, "list")
+
+    async def explain(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(raw, context, "explain")
+
+    async def run(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(raw, context, "run")
+
+    async def alerts(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(raw, context, "alerts")
+
+    async def care(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(raw, context, "care")
+
+
 def build_handlers(service: Service) -> list[grpc.GenericRpcHandler]:
     otlp = _Otlp(service)
     query = _Query(service)
+    rules = _Rules(service)
 
     def unary(fn: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
@@ -206,4 +282,9 @@ def build_handlers(service: Service) -> list[grpc.GenericRpcHandler]:
             "opentelemetry.proto.collector.logs.v1.LogsService", {"Export": unary(otlp.logs)}),
         grpc.method_handlers_generic_handler(
             "phiaudit.v1.Query", {"Sql": unary(query.sql), "Metrics": unary(query.metrics)}),
+        grpc.method_handlers_generic_handler(
+            "phiaudit.v1.Rules", {"List": unary(rules.list), "Explain": unary(rules.explain),
+                                  "Run": unary(rules.run)}),
+        grpc.method_handlers_generic_handler("phiaudit.v1.Alerts", {"List": unary(rules.alerts)}),
+        grpc.method_handlers_generic_handler("phiaudit.v1.Care", {"Load": unary(rules.care)}),
     ]

@@ -58,6 +58,7 @@ from ._extract import Extractor
 from ._infra import InfraConfig
 from ._metrics import Metrics
 from ._process import Processed, RequestProcessor, init_worker, work
+from ._rules_service import RuleScheduler
 from ._server import build_handlers
 
 __all__ = ["Service", "open_local", "run_service", "writer_identity"]
@@ -157,6 +158,7 @@ class Service:
         self._pool: ProcessPoolExecutor | None = None
         self._processor: RequestProcessor | None = None
         self._checkpointer: Checkpointer | None = None
+        self._rules: RuleScheduler | None = None
         self._stopped = False
         self.port = 0
 
@@ -224,6 +226,8 @@ class Service:
         self._processor = RequestProcessor(local.encoder, self.extractor)
         self._checkpointer = checkpointer_for_service(cfg, local)  # after the writer
         self._checkpointer.start()
+        self._rules = RuleScheduler(cfg, local)  # after the writer; runs rules, sends alerts
+        self._rules.start()
         await asyncio.get_running_loop().run_in_executor(None, self._start_workers)
         if local.admin_token_file:
             _log.warning("created the initial security credential in %s (mode 0600)",
@@ -264,6 +268,8 @@ class Service:
             await self._server.stop(grace)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._rules is not None:  # before the checkpointer: its last rows are covered
+            await asyncio.get_running_loop().run_in_executor(None, self._rules.shutdown)
         if self._checkpointer is not None:  # before the writer: a last checkpoint
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.shutdown)
         if self._local is not None:

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._retention_cli import add_parsers as add_retention_parsers
 
     add_retention_parsers(sub, common)
+    from ._rules_cli import add_parsers as add_rules_parsers
+
+    add_rules_parsers(sub, common)
     t = sub.add_parser("token", parents=[common], help="issue a credential for a role")
     t.add_argument("--role", required=True, choices=["security", "compliance"])
     t.add_argument("--principal", required=True, help="who the credential is for")
@@ -230,6 +233,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return (cmd_verify if args.command == "verify" else cmd_prove)(args, _data_dir(args))
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from ._rules_cli import run_command
+
+    data_dir = _data_dir(args)
+    return run_command(args, data_dir, _token(args), _running_service(data_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -246,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"serve": _cmd_serve, "sql": _cmd_sql, "token": _cmd_token,
                 "migrate": _cmd_migrate, "sender": _cmd_sender,
                 "verify": _cmd_verify, "prove": _cmd_verify,
-                "retention": _cmd_retention, "keys": _cmd_keys}
+                "retention": _cmd_retention, "keys": _cmd_keys,
+                "rules": _cmd_rules, "alerts": _cmd_rules, "care": _cmd_rules}
     try:
         return commands[args.command](args)
     except (AccessDenied, _Usage) as exc:

@@ -11,7 +11,7 @@ import pytest
 
 from phiaudit.rules import Compiled, compile_rule, parse_rule
 from phiaudit.storage import ConfigError
-from tests.rules.test_engine import DAY, EPOCH, MIN, S, Env, audit, infra, shared_env, uid
+from tests.rules.test_engine import DAY, EPOCH, MIN, Env, S, audit, infra, shared_env, uid
 
 # this module's weeks start far after test_engine's
 _weeks = iter(range(5000, 10_000))

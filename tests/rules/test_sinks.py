@@ -332,3 +332,32 @@ def test_build_sinks(tmp_path: Path) -> None:
         "rules.sinks[3]: must be a mapping with a type",
         "rules.sinks[5].name: 'a' is used twice",
     ]
+
+
+def test_webhook_https_with_ca_file(env: Env, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.receiver.tls_certs import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    stranger = TestCA(tmp_path / "other", name="stranger CA")
+    pair = ca.issue("alertmanager", server=True, hosts=("127.0.0.1",))
+    receiver = Receiver()
+    receiver.start()
+    assert receiver.server is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    receiver.server.socket = ctx.wrap_socket(receiver.server.socket, server_side=True)
+    url = receiver.url.replace("http://", "https://")
+    try:
+        a = env.alert()
+        untrusted = WebhookSink(url=url, ca_file=str(stranger.cert_file), name="tls-bad",
+                                timeout_s=5)
+        assert deliver_pending(env.store, env.submit, [untrusted], now_us=env.now) == 0
+        assert env.deliveries("tls-bad") == [(str(a.alert_id), 1, "failed", "tls")]
+        trusted = WebhookSink(url=url, ca_file=str(ca.cert_file), name="tls-good",
+                              timeout_s=5)
+        assert deliver_pending(env.store, env.submit, [trusted], now_us=env.now) == 1
+        assert [x["labels"]["alert_id"] for x in receiver.bodies[0]] == [str(a.alert_id)]
+    finally:
+        receiver.stop()

@@ -12,7 +12,7 @@
   with ``deploy/ci/ensure-postgres.sh``). When it is not, the test fails in CI (``CI=true``)
   with the reason, and is skipped with the reason elsewhere.
 * ``forward_log_file(...)``: stands in for an OpenTelemetry Collector's ``filelog`` receiver
-  (see ``deploy/otel-config.yaml`` for the real pipeline): each log entry of the file (a line,
+  (see ``otel-config.yaml`` for the real pipeline): each log entry of the file (a line,
   with its continuation lines) becomes one OTLP log record, exported with the real SDK
   (``LoggerProvider`` + ``OTLPLogExporter``) to the receiver: body = the entry, attributes
   ``log.file.name`` and ``phi.infra.kind``, timestamp = the entry's ``%m`` prefix.

@@ -85,12 +85,16 @@ def iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def run_rules(service: RunningService, start: dt.datetime, end: dt.datetime) -> str:
+def run_rules(service: RunningService, start: dt.datetime, end: dt.datetime) -> list[str]:
+    """``phiaudit rules run --backfill FROM TO`` through the running service: the rule ids of
+    the new alerts."""
     env = cli_env(PHIAUDIT_TOKEN=service.admin_token)
     res = run_cli("rules", "run", "--data-dir", str(service.data_dir),
-                  "--backfill", iso(start), iso(end), env=env)
+                  "--backfill", iso(start), iso(end), "--format", "json", env=env)
     assert res.returncode == 0, res.stderr
-    return res.stdout
+    result = json.loads(res.stdout)
+    assert result["mode"] == "backfill"
+    return [a["rule_id"] for a in result["alerts"]]
 
 
 def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
@@ -120,8 +124,9 @@ def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
                          if a not in ("login", "logout"))
     entries = pg.log_entries(cluster.log_path)
     audit_entries = [e for e in entries if "AUDIT: SESSION," in e]
-    assert sum(f"{pg.APP_ROLE}@" in e and "traceparent=" in e for e in audit_entries) >= (
-        app_statements)
+    app_entries = [e for e in audit_entries if f"] {pg.APP_ROLE}@{pg.DATABASE} " in e]
+    assert all("traceparent='00-" in e for e in app_entries)  # sqlcommenter, every statement
+    assert sum(",TABLE,public.users," not in e for e in app_entries) == app_statements
 
     # the Collector's part: the pgAudit entries of the log file (its filelog receiver drops
     # the other lines with a filter operator), as OTLP log records
@@ -134,7 +139,8 @@ def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
 
     infra = service.rows(
         "SELECT event_id, actor_id, operation, object_type, object, phi_touch, phi_object, "
-        "outcome, trace_id, parse_status FROM infra_events WHERE source_kind = 'pgaudit'",
+        "outcome, trace_id, span_id, parse_status FROM infra_events "
+        "WHERE source_kind = 'pgaudit'",
         decrypt=True)
     # every record parsed; those on PHI tables kept whole, the others (the login's read of
     # `users`) only counted in infra_rollups (sample_rate 0)
@@ -153,19 +159,23 @@ def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
     # the application's records carry the traces of its audit events
     app_rows = [r for r in phi if r["actor_id"] == pg.APP_ROLE]
     assert all(len(r["trace_id"]) == 32 for r in app_rows)
-    events = service.rows("SELECT trace_id, extra FROM audit_events "
+    events = service.rows("SELECT trace_id, span_id, extra FROM audit_events "
                           "WHERE service_name = 'sample-ehr'", decrypt=True)
     audit_traces = {e["trace_id"] for e in events}
-    db_event_traces = {e["trace_id"] for e in events if "db.system" in json.loads(e["extra"])}
-    assert {r["trace_id"] for r in app_rows} == db_event_traces
-    assert db_event_traces <= audit_traces
+    # each statement's record names the database span the application audited
+    db_spans = {(e["trace_id"], e["span_id"]) for e in events
+                if "db.system" in json.loads(e["extra"])}
+    assert len(db_spans) == app_statements
+    assert {(r["trace_id"], r["span_id"]) for r in app_rows} == db_spans
+    assert {t for t, _ in db_spans} <= audit_traces
     (direct,) = [r for r in phi if r["actor_id"] == pg.ANALYST_ROLE]
     assert (direct["operation"], direct["object"], direct["trace_id"]) == (
         "SELECT", "public.patients", "")
 
     # the rules over the whole period: one app-bypass alert, the direct read its evidence
     end = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
-    run_rules(service, start - dt.timedelta(minutes=2), end)
+    raised = run_rules(service, start - dt.timedelta(minutes=2), end)
+    assert raised.count("app-bypass") == 1
     alerts = service.rows("SELECT alert_id, rule_id, evidence, evidence_count, trace_ids "
                           "FROM alerts WHERE rule_id = 'app-bypass'")
     assert len(alerts) == 1, [a["evidence_count"] for a in alerts]
@@ -175,6 +185,6 @@ def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
     assert not {r["event_id"] for r in app_rows} & set(alert["evidence"])
 
     # a second run over the same period raises nothing new
-    run_rules(service, start - dt.timedelta(minutes=2), end)
+    assert "app-bypass" not in run_rules(service, start - dt.timedelta(minutes=2), end)
     again = service.rows("SELECT count() AS n FROM alerts WHERE rule_id = 'app-bypass'")
     assert again[0]["n"] == 1

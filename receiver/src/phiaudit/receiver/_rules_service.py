@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Any
 
 from phiaudit.storage import (
@@ -56,9 +57,11 @@ class RuleScheduler:
         self.sinks = build_sinks(list(self.rules_config.sinks or []))
         self.local = local
         writer = local.writer
+        self._last_write: Future[None] | None = None
 
         def submit(tables: dict[str, list[list[Any]]]) -> None:
-            writer.submit(None, tables).result(timeout=60)
+            self._last_write = writer.submit(None, tables)
+            self._last_write.result(timeout=60)
 
         self.submit = submit
         self.engine = RuleEngine(local.store, submit, local.encoder, self.rules,
@@ -69,6 +72,7 @@ class RuleScheduler:
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self.failures = 0
+        self.skipped = 0
 
     def start(self) -> None:
         if not self.rules_config.enabled:
@@ -80,14 +84,24 @@ class RuleScheduler:
                   self.interval_s, len(self.sinks))
 
     def _loop(self) -> None:
-        delay = min(self.interval_s, 2.0)  # catch up soon after a start
-        while not self._stop.wait(delay):
-            delay = self.interval_s
+        while not self._stop.wait(self.interval_s):
             self.tick()
+
+    def store_ready(self) -> bool:
+        """False while the writer fails or drains its spool, or an earlier write of ours is
+        still pending: a run now would not see its own last watermark and would only queue
+        rows behind the failing batch. The tick after the store is back catches up."""
+        writer = self.local.writer
+        if self._last_write is not None and not self._last_write.done():
+            return False
+        return bool(writer.healthy) and not writer.spool_bytes
 
     def tick(self) -> None:
         """One scheduled run and delivery; never raises."""
         try:
+            if not self.store_ready():
+                self.skipped += 1
+                return
             self.run_once()
         except Exception as exc:
             self.failures += 1
@@ -195,9 +209,9 @@ class RulesOps:
         def fn(_: Principal) -> tuple[dict[str, Any], int]:
             rows = []
             for r in self.scheduler.rules:
-                rows.append([r.id, r.severity, r.title, bool(r.enabled),
+                rows.append([r.id, r.severity, r.title, bool(r.enabled), str(r.origin),
                              json.dumps(dict(r.params), sort_keys=True, default=str)])
-            return {"columns": ["id", "severity", "title", "enabled", "params"],
+            return {"columns": ["id", "severity", "title", "enabled", "origin", "params"],
                     "rows": rows}, len(rows)
 
         result: dict[str, Any] = self._run(token, "phiaudit rules list", ROLES, fn)

@@ -223,7 +223,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' 
     `minute` DateTime64(6, 'UTC'),
     `source_kind` LowCardinality(String),
     `actor_id` String,
-    `object` String COMMENT 'not in the PHI catalog',
+    `object_name` String COMMENT 'not in the PHI catalog, so stored in clear',
     `operation` LowCardinality(String),
     `outcome` LowCardinality(String),
     `records` UInt64 COMMENT 'records of this minute and key; sum() over rows',
@@ -231,7 +231,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' 
     `raw_bytes` UInt64 COMMENT 'size of the records rolled up'
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_rollups_local', '{replica}')
 PARTITION BY toYYYYMM(minute)
-ORDER BY (source_kind, minute, actor_id, object)
+ORDER BY (source_kind, minute, actor_id, object_name)
 SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
 COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL';
 

@@ -224,12 +224,11 @@ def test_unparsed_records_are_kept_and_counted(stored: dict[str, Any],
 
 
 def test_rollups_count_the_non_phi_records(stored: dict[str, Any], svc: RunningService) -> None:
-    # (toString: the gateway takes every column named `object` for an encrypted one)
     roll = svc.rows("SELECT toUnixTimestamp(minute) AS m, source_kind, actor_id, "
-                    "toString(object) AS object_text, "
+                    "object_name AS object_text, "
                     "operation, outcome, sum(records) AS n, sum(kept) AS kept, "
                     "sum(raw_bytes) AS bytes FROM infra_rollups GROUP BY m, source_kind, "
-                    "actor_id, object, operation, outcome ORDER BY source_kind, object")
+                    "actor_id, object_name, operation, outcome ORDER BY source_kind, object_name")
     got = [(r["source_kind"], r["actor_id"], r["object_text"], r["operation"], r["outcome"],
             int(r["n"])) for r in roll]
     role = "arn:aws:sts::111122223333:assumed-role/etl/job-7"

@@ -187,7 +187,7 @@ ROLLUP_COLUMNS: list[Column] = [
     Column("minute", "DateTime64(6, 'UTC')"),
     Column("source_kind", "LowCardinality(String)"),
     Column("actor_id", "String"),
-    Column("object", "String", comment="not in the PHI catalog"),
+    Column("object_name", "String", comment="not in the PHI catalog, so stored in clear"),
     Column("operation", "LowCardinality(String)"),
     Column("outcome", "LowCardinality(String)"),
     Column("records", "UInt64", comment="records of this minute and key; sum() over rows"),
@@ -344,7 +344,7 @@ COMMENT 'infrastructure records: append-only, encrypted raw record, hash-chained
 {_cols(ROLLUP_COLUMNS)}
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(minute)
-ORDER BY (source_kind, minute, actor_id, object)
+ORDER BY (source_kind, minute, actor_id, object_name)
 {merge_settings}
 COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.alerts (

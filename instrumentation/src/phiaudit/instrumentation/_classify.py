@@ -73,6 +73,8 @@ _METHOD_ACTIONS = {
 
 def normalize_template(template: str) -> str:
     """``/p/<int:pid>`` and ``/p/{pid:path}`` -> ``/p/{pid}``; trailing slash dropped."""
+    if "<" not in template and "{" not in template:  # a plain path: nothing to rewrite
+        return template.rstrip("/") or "/"
     out = _PARAM.sub(lambda m: "{" + (m.group(1) or m.group(2)) + "}", template)
     return out.rstrip("/") or "/"
 
@@ -99,10 +101,31 @@ def _compile(rule: RouteRule) -> _CompiledRoute:
     return _CompiledRoute(rule, normalized, re.compile(regex + "/?"), "{" in normalized)
 
 
+def plain(attrs: Attrs | None) -> Attrs:
+    """``attrs`` as a plain ``dict`` when it is the SDK's ``BoundedAttributes`` (its
+    ``get`` goes through ``Mapping.get``, which raises and catches ``KeyError`` for every
+    missing key, and the classifier looks up many keys a span does not have). Read only."""
+    if attrs is None:
+        return {}
+    inner = getattr(attrs, "_dict", None)
+    return inner if type(inner) is dict else attrs
+
+
+def span_attributes(span: object) -> Attrs:
+    """A span's attributes, read only, without the ``MappingProxyType`` around the SDK's
+    ``BoundedAttributes`` that ``ReadableSpan.attributes`` builds on every access."""
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    if type(inner) is dict:
+        return inner
+    attrs: Attrs | None = getattr(span, "attributes", None)
+    return plain(attrs)
+
+
 def _str(attrs: Attrs, *keys: str) -> str | None:
+    get = attrs.get
     for key in keys:
-        value = attrs.get(key)
-        if isinstance(value, str) and value:
+        value = get(key)
+        if value and isinstance(value, str):
             return value
     return None
 
@@ -152,8 +175,8 @@ class Classifier:
         attrs = attrs or {}
         if attrs.get(PHI_AUDIT_EVENT) is True:
             tags: Tags | None = {}
-        elif _str(attrs, HTTP_METHOD, HTTP_METHOD_OLD) is not None:
-            tags = self._http(attrs)
+        elif (method := _str(attrs, HTTP_METHOD, HTTP_METHOD_OLD)) is not None:
+            tags = self._http(attrs, method)
         elif self._tables and (
             _str(attrs, DB_SYSTEM_NAME, DB_SYSTEM) is not None or self.is_db_candidate(name, kind)
         ):
@@ -178,8 +201,8 @@ class Classifier:
         return first in SQL_VERBS
 
     # -- HTTP ----------------------------------------------------------------------------
-    def _http(self, attrs: Attrs) -> Tags | None:
-        method = (_str(attrs, HTTP_METHOD, HTTP_METHOD_OLD) or "").upper()
+    def _http(self, attrs: Attrs, method: str) -> Tags | None:
+        method = method.upper()
         route = _str(attrs, HTTP_ROUTE)
         path, query = http_path_query(attrs)
         norm_route = _normalized_route(route) if route else None

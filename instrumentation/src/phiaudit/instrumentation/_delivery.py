@@ -36,15 +36,17 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from phiaudit.instrumentation._config import DeliveryConfig
+from phiaudit.instrumentation._otlp import Encoded, Entry, encode_request, supports_fast_path
 from phiaudit.instrumentation._spool import Spool, SpoolCorrupt
 
 _log = logging.getLogger("phiaudit.instrumentation")
@@ -55,11 +57,62 @@ SPOOLED_METRIC = "phiaudit.instrumentation.audit_spans.spooled"
 _IDLE_WAIT = 0.05  # seconds: how often the intake thread looks at an export in flight
 
 
+class PendingSpan:
+    """An ended audit span whose final attributes are worked out on the delivery's intake
+    thread, not on the application thread (see :class:`PhiSpanProcessor`)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: ReadableSpan) -> None:
+        self.span = span
+
+    def attributes(self) -> Mapping[str, Any]:
+        """The attributes to deliver (instead of ``span.attributes``)."""
+        raise NotImplementedError
+
+
+def _entry(item: ReadableSpan | PendingSpan) -> Entry:
+    if not isinstance(item, PendingSpan):
+        return item, item.attributes or {}
+    try:
+        return item.span, item.attributes()
+    except Exception as exc:  # deliver what the span has rather than nothing
+        _log.error(
+            "phiaudit: internal error while enriching an audit span (%s)", type(exc).__name__
+        )
+        return item.span, item.span.attributes or {}
+
+
+def _as_span(entry: Entry) -> ReadableSpan:
+    """A ``ReadableSpan`` carrying the entry's attributes (for exporters and the spool)."""
+    span, attrs = entry
+    if attrs is span.attributes:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attrs,
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+def _spans(batch: Sequence[Entry]) -> list[ReadableSpan]:
+    return [_as_span(e) for e in batch]
+
+
 @dataclass
 class _InFlight:
     """A batch the sender is exporting (shared by the sender and the intake watchdog)."""
 
-    batch: list[ReadableSpan]
+    batch: list[Entry]
     started: float
     copy: Path | None = None  # its safety copy in the spool (this process's claim)
     copying: bool = False  # the intake thread is writing the copy
@@ -103,10 +156,10 @@ class AuditDelivery:
         # the application thread appends without waking the intake thread up (a wake-up per
         # span costs more than the rest of the audit path): the intake thread takes batches
         # every schedule_delay_seconds, or sooner when woken (full batch, flush, shutdown)
-        self._buffer: deque[ReadableSpan] = deque()
+        self._buffer: deque[ReadableSpan | PendingSpan] = deque()
         self._wake = threading.Event()
         self._flush = threading.Event()
-        self._handoff: queue.Queue[list[ReadableSpan]] = queue.Queue(1)
+        self._handoff: queue.Queue[list[Entry]] = queue.Queue(1)
         self._flight_lock = threading.Lock()
         self._flight: _InFlight | None = None
         self._cond = threading.Condition()
@@ -138,7 +191,7 @@ class AuditDelivery:
         failing); they are delivered from there."""
         return self._spooled_total
 
-    def submit(self, span: ReadableSpan) -> None:
+    def submit(self, span: ReadableSpan | PendingSpan) -> None:
         """Queue one audit span; waits at most ``max_block_seconds``; never raises."""
         try:
             if self._stopped:
@@ -160,7 +213,7 @@ class AuditDelivery:
         except Exception:  # pragma: no cover - defensive: never raise into the app
             _log.error("phiaudit: internal error while queueing an audit span", exc_info=False)
 
-    def _submit_when_room(self, span: ReadableSpan) -> bool:
+    def _submit_when_room(self, span: ReadableSpan | PendingSpan) -> bool:
         """The queue is full: wait for room, at most ``max_block_seconds``."""
         deadline = time.monotonic() + self.config.max_block_seconds
         while True:
@@ -207,7 +260,7 @@ class AuditDelivery:
             _log.warning("phiaudit: exporter shutdown failed (%s)", type(exc).__name__)
 
     # -- intake thread --------------------------------------------------------------------------
-    def _collect(self) -> list[ReadableSpan]:
+    def _collect(self) -> list[Entry]:
         """The next batch: up to ``max_batch`` spans, taken when that many are queued, when
         ``schedule_delay_seconds`` have passed, on a flush, or at shutdown. Meanwhile it
         keeps an eye on the export in flight (:meth:`_watch`)."""
@@ -221,10 +274,10 @@ class AuditDelivery:
                 break
             self._wake.wait(min(left, _IDLE_WAIT) if self._flight is not None else left)
             self._wake.clear()
-        batch: list[ReadableSpan] = []
+        batch: list[Entry] = []
         with contextlib.suppress(IndexError):
             while len(batch) < cfg.max_batch:
-                batch.append(buffer.popleft())
+                batch.append(_entry(buffer.popleft()))
         if not buffer:
             self._flush.clear()
         return batch
@@ -272,7 +325,7 @@ class AuditDelivery:
                 return
             flight.copying = flight.copy_tried = True
         try:
-            copy = self.spool.append_claimed(flight.batch)
+            copy = self.spool.append_claimed(_spans(flight.batch))
         except OSError:
             copy = None
         with self._flight_lock:
@@ -313,7 +366,7 @@ class AuditDelivery:
             except Exception as exc:  # pragma: no cover - defensive
                 _log.error("phiaudit: sender error (%s)", type(exc).__name__)
 
-    def _send(self, batch: list[ReadableSpan]) -> None:
+    def _send(self, batch: list[Entry]) -> None:
         flight = _InFlight(batch, time.monotonic())
         with self._flight_lock:
             self._flight = flight
@@ -339,9 +392,14 @@ class AuditDelivery:
         else:
             self._to_spool(flight.batch)
 
-    def _export(self, spans: Sequence[ReadableSpan]) -> bool:
+    def _export(self, batch: Sequence[Entry]) -> bool:
         try:
-            ok = self.exporter.export(spans) is SpanExportResult.SUCCESS
+            exporter = self.exporter  # may be replaced at run time
+            if supports_fast_path(exporter):  # encoded once, here, by the lean encoder
+                data: Sequence[ReadableSpan] = Encoded(encode_request(batch), len(batch))
+            else:
+                data = _spans(batch)
+            ok = exporter.export(data) is SpanExportResult.SUCCESS
         except Exception as exc:
             ok = False
             self._export_errors += 1
@@ -372,12 +430,12 @@ class AuditDelivery:
             return
         except OSError:
             return  # e.g. vanished: the next round looks again
-        if self._export(spans):
+        if self._export([(s, s.attributes or {}) for s in spans]):
             self.spool.acknowledge(segment)
 
-    def _to_spool(self, batch: list[ReadableSpan]) -> None:
+    def _to_spool(self, batch: list[Entry]) -> None:
         try:
-            stored = self.spool.append(batch)
+            stored = self.spool.append(_spans(batch))
             reason = "spool_full"
         except OSError:
             stored = False

@@ -22,7 +22,7 @@ Conformance and terminology resources (``metadata``, ``ValueSet``, ...) are not 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from opentelemetry.util.types import AttributeValue
@@ -79,6 +79,18 @@ def patients_from_params(params: Iterable[tuple[str, str]], resource_type: str) 
     return found
 
 
+class _LazyParams:
+    """The query's parameters, parsed only if a branch reads them."""
+
+    __slots__ = ("_query",)
+
+    def __init__(self, query: str | None) -> None:
+        self._query = query
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(parse_qsl(self._query or "", keep_blank_values=True))
+
+
 def classify_fhir(
     method: str, path: str, query: str | None, non_phi: frozenset[str]
 ) -> dict[str, AttributeValue] | None:
@@ -88,7 +100,7 @@ def classify_fhir(
         return None
     method = method.upper()
     tags: dict[str, AttributeValue] = {PHI_AUDIT_EVENT: True}
-    params = parse_qsl(query or "", keep_blank_values=True)
+    params = _LazyParams(query)
     if query:
         tags[PHI_QUERY] = query
     patients: list[str] = []

@@ -35,10 +35,22 @@ from phiaudit.instrumentation._attributes import (
     USER_ID,
     Outcome,
 )
-from phiaudit.instrumentation._classify import Classifier, http_path_query, query_redactions
-from phiaudit.instrumentation._delivery import AuditDelivery
+from phiaudit.instrumentation._classify import (
+    Classifier,
+    Tags,
+    http_path_query,
+    query_redactions,
+    span_attributes,
+)
+from phiaudit.instrumentation._delivery import AuditDelivery, PendingSpan
 from phiaudit.instrumentation._sampler import take_start_decision
-from phiaudit.instrumentation._users import TRACE_IDENTITIES, UserResolver, flask_user, resolve
+from phiaudit.instrumentation._users import (
+    TRACE_IDENTITIES,
+    Actor,
+    UserResolver,
+    flask_user,
+    resolve,
+)
 
 _log = logging.getLogger("phiaudit.instrumentation")
 
@@ -94,12 +106,13 @@ class PhiSpanProcessor(SpanProcessor):
     def is_audit_span(self, span: ReadableSpan) -> bool:
         """True for a span that is, or carries, a PHI audit event."""
         return _has_access_events(span) or (
-            self.classifier.classify(span.name, span.kind, span.attributes, ended=True) is not None
+            self.classifier.classify(span.name, span.kind, span_attributes(span), ended=True)
+            is not None
         )
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         try:
-            attrs = span.attributes or {}
+            attrs = span_attributes(span)
             ctx = span.get_span_context()
             sampled = take_start_decision(self.classifier, ctx.trace_id, span.name, span.kind)
             if sampled is None:
@@ -133,27 +146,23 @@ class PhiSpanProcessor(SpanProcessor):
             actor = TRACE_IDENTITIES.get(ctx.trace_id) if ctx is not None else None
         if self.delivery is None:
             return
-        tags = self.classifier.classify(span.name, span.kind, span.attributes, ended=True)
+        attributes = span_attributes(span)
+        tags = self.classifier.classify(span.name, span.kind, attributes, ended=True)
         is_audit = tags is not None or _has_access_events(span)
         _ended.last = (span, self.classifier, is_audit)
         if not is_audit:
             return
-        attrs: dict[str, AttributeValue] = dict(span.attributes or {})
-        if tags:
-            attrs.update(tags)
-        if tags is not None:
-            if PHI_AUDIT_OUTCOME not in attrs and span.status.status_code is StatusCode.ERROR:
-                attrs[PHI_AUDIT_OUTCOME] = Outcome.FAILURE.value
-            if PHI_QUERY not in attrs:
-                _, query = http_path_query(attrs)
-                if query:
-                    attrs[PHI_QUERY] = query
-            attrs.update(query_redactions(attrs))
-        if ENDUSER_ID not in attrs and USER_ID not in attrs:
+        # only what needs this thread (the request context) is done here: the rest of the
+        # enrichment runs on the delivery's intake thread (_Enriched.attributes)
+        if (
+            ENDUSER_ID not in attributes
+            and USER_ID not in attributes
+            and (tags is None or (ENDUSER_ID not in tags and USER_ID not in tags))
+        ):
             actor = actor or resolve(self.user_resolver)
-            if actor is not None:
-                attrs.update(actor.attributes())
-        self.delivery.submit(_with_attributes(span, attrs))
+        else:
+            actor = None
+        self.delivery.submit(_Enriched(span, tags, actor))
 
     def shutdown(self) -> None:
         if self.delivery is not None:
@@ -165,21 +174,33 @@ class PhiSpanProcessor(SpanProcessor):
         return self.delivery.force_flush(timeout_millis)
 
 
-def _with_attributes(span: ReadableSpan, attrs: dict[str, AttributeValue]) -> ReadableSpan:
-    return ReadableSpan(
-        name=span.name,
-        context=span.context,
-        parent=span.parent,
-        resource=span.resource,
-        attributes=attrs,
-        events=span.events,
-        links=span.links,
-        kind=span.kind,
-        status=span.status,
-        start_time=span.start_time,
-        end_time=span.end_time,
-        instrumentation_scope=span.instrumentation_scope,
-    )
+class _Enriched(PendingSpan):
+    """An ended audit span, its end-time tags and the actor known on the request thread;
+    the attributes to deliver are computed on the delivery thread."""
+
+    __slots__ = ("actor", "tags")
+
+    def __init__(self, span: ReadableSpan, tags: Tags | None, actor: Actor | None) -> None:
+        super().__init__(span)
+        self.tags = tags
+        self.actor = actor
+
+    def attributes(self) -> dict[str, AttributeValue]:
+        span, tags = self.span, self.tags
+        attrs: dict[str, AttributeValue] = dict(span_attributes(span))
+        if tags:
+            attrs.update(tags)
+        if tags is not None:
+            if PHI_AUDIT_OUTCOME not in attrs and span.status.status_code is StatusCode.ERROR:
+                attrs[PHI_AUDIT_OUTCOME] = Outcome.FAILURE.value
+            if PHI_QUERY not in attrs:
+                _, query = http_path_query(attrs)
+                if query:
+                    attrs[PHI_QUERY] = query
+            attrs.update(query_redactions(attrs))
+        if ENDUSER_ID not in attrs and USER_ID not in attrs and self.actor is not None:
+            attrs.update(self.actor.attributes())
+        return attrs
 
 
 class _WithoutPhi(SpanProcessor):

@@ -163,7 +163,9 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     writer.start()
 
     def submit(tables: dict[str, list[list[Any]]]) -> None:
-        writer.submit(None, tables).result(timeout=120)
+        # a unique request key: with None, two equal-sized rule_runs inserts could share an
+        # insert deduplication token and the second be dropped
+        writer.submit(uuid.uuid4().bytes, tables).result(timeout=120)
 
     try:
         yield Loaded(store, encoder, anomalous, clean, submit)

@@ -141,6 +141,9 @@ class Encounter:
     end_us: int
     practitioners: tuple[str, ...]
 
+    def __repr__(self) -> str:
+        return f"Encounter({self.encounter_id}, {self.department}, phi=[REDACTED])"
+
 
 @dataclass(frozen=True)
 class Label:
@@ -208,6 +211,10 @@ class Scenario:
     care: list[list[Any]] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # never print the population (synthetic, but patient ids)
+        return (f"Scenario(seed={self.config.seed}, days={self.config.days}, "
+                f"{self.counts()}, phi=[REDACTED])")
+
     def user_schedules(self) -> dict[str, Schedule]:
         return {p.actor_id: p.schedule for p in self.practitioners if p.user_schedule}
 
@@ -261,7 +268,10 @@ class Scenario:
             futures = []
             for name, rows in tables.items():
                 for i in range(0, len(rows), chunk):
-                    futures.append(writer.submit(None, {name: rows[i:i + chunk]}))
+                    # a key of its own per chunk: the writer derives the insert deduplication
+                    # token of unchained tables from the request keys
+                    key = f"{writer_id}:{name}:{i}".encode()
+                    futures.append(writer.submit(key, {name: rows[i:i + chunk]}))
             for fut in futures:
                 fut.result(timeout=timeout)
         finally:

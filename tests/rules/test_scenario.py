@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from hashlib import sha256
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -123,7 +124,7 @@ def test_clean_traffic_stays_inside_every_rule(cfg: ScenarioConfig) -> None:
     assert max(failures_source.values(), default=0) <= 1
     console = sorted(e.event_time_us for e in infra
                      if e.operation == "ConsoleLogin" and e.outcome == "failure")
-    assert console and all(b - a > 3_600_000_000 for a, b in zip(console, console[1:]))
+    assert console and all(b - a > 3_600_000_000 for a, b in pairwise(console))
     traces = {e.trace_id for e in audit}
     for ev in infra:
         if ev.phi_touch:

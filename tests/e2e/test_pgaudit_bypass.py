@@ -98,8 +98,7 @@ def run_rules(service: RunningService, start: dt.datetime, end: dt.datetime) -> 
 
 
 def test_only_the_direct_read_raises_a_bypass_alert(cluster: pg.PgCluster,
-                                                     service: RunningService,
-                                                     tmp_path: Path) -> None:
+                                                     service: RunningService) -> None:
     start = dt.datetime.now(dt.UTC)
     # the application, in PostgreSQL mode, audited to the service (its own SDK provider)
     provider = TracerProvider(resource=Resource.create(

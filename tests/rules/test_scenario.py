@@ -77,7 +77,8 @@ def test_generator_is_seeded_and_labels_every_rule() -> None:
     ids = [e.event_id for e in a.audit] + [e.event_id for e in a.infra]
     assert len(ids) == len(set(ids))
     for lab in a.labels:  # every label names events that exist, in its table
-        pool = {"audit_events": a.audit, "infra_events": a.infra, "access_log": a.access}
+        pool: dict[str, list[Any]] = {"audit_events": a.audit, "infra_events": a.infra,
+                                      "access_log": a.access}
         assert lab.event_ids <= {e.event_id for e in pool[lab.table]}, lab.case
     # a realistic hospital, not a handful of rows
     assert len(a.encounters) > 200 and len(a.practitioners) > 40 and len(a.audit) > 2000
@@ -92,8 +93,8 @@ def test_clean_traffic_stays_inside_every_rule(cfg: ScenarioConfig) -> None:
     audit, infra, access = _clean_events(sc)
     tz = ZoneInfo(sc.timezone)
     care: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
-    for actor, bidx, start, end, *_ in sc.care:
-        care[(actor, bidx)].append((start, end))
+    for actor, patient_bidx, start, end, *_ in sc.care:
+        care[(actor, patient_bidx)].append((start, end))
 
     def bidx(patient: str) -> str:  # generate()'s stand-in index (no store here)
         return sha256(f"patient|{patient}".encode()).hexdigest()[:32]

@@ -11,7 +11,7 @@ import pytest
 
 from phiaudit.rules import Compiled, compile_rule, parse_rule
 from phiaudit.storage import ConfigError
-from tests.rules.test_engine import DAY, EPOCH, MIN, Env, S, audit, infra, shared_env, uid
+from tests.rules.test_engine import DAY, EPOCH, HOUR, MIN, Env, S, audit, infra, shared_env, uid
 
 # this module's weeks start far after test_engine's
 _weeks = iter(range(5000, 10_000))
@@ -48,18 +48,38 @@ def test_windows_on_the_step_grid_ending_in_the_range(env: Env, base: int) -> No
     t = base + 90 * S
     env.write([audit(t, actor=actor)])
     rows = run(env, compile_rule(r, base, base + 10 * MIN, 60))
-    # [end - 3m, end) contains base+90s for ends base+2m, +3m, +4m
-    assert [(x["window_start"], x["window_end"]) for x in rows] == [
-        (base - MIN, base + 2 * MIN), (base, base + 3 * MIN), (base + MIN, base + 4 * MIN)]
-    assert all(x["g0"] == actor and x["value"] == 1 for x in rows)
-    # only the windows ending in (from, to]
-    rows = run(env, compile_rule(r, base + 2 * MIN, base + 3 * MIN, 60))
-    assert [x["window_end"] for x in rows] == [base + 3 * MIN]
-    # a rule's step, and a timespan shorter than the step, refine the grid
+    # [end - 3m, end) contains base+90s for ends base+2m, +3m and +4m: the query keeps the
+    # earliest (overlapping windows are one alert)
+    assert [(x["window_start"], x["window_end"]) for x in rows] == [(base - MIN, base + 2 * MIN)]
+    assert rows[0]["g0"] == actor and rows[0]["value"] == 1
+    # only the windows ending in (from, to]: those where a count can first cross the threshold,
+    # ending right after an event's step or starting at it (the one ending at +3m holds no more
+    # than the one ending at +2m, evaluated with an earlier range)
+    rows = run(env, compile_rule(r, base + MIN, base + 2 * MIN, 60))
+    assert [x["window_end"] for x in rows] == [base + 2 * MIN]
+    assert run(env, compile_rule(r, base + 2 * MIN, base + 3 * MIN, 60)) == []
+    rows = run(env, compile_rule(r, base + 3 * MIN, base + 10 * MIN, 60))
+    assert [(x["window_start"], x["window_end"]) for x in rows] == [(base + MIN, base + 4 * MIN)]
+    assert run(env, compile_rule(r, base + 4 * MIN, base + 10 * MIN, 60)) == []
+    # a timespan shorter than the step refines the grid
     r30 = rule({"type": "event_count", "group-by": ["actor_id"], "timespan": "30s"},
                {"sel": {"actor_id": actor}, "condition": "sel"})
     rows = run(env, compile_rule(r30, base, base + 10 * MIN, 60))
     assert [(x["window_start"], x["window_end"]) for x in rows] == [(base + 90 * S, base + 2 * MIN)]
+
+
+def test_sustained_activity_gives_one_window_per_timespan(env: Env, base: int) -> None:
+    actor = "sus-" + uid()
+    r = rule({"type": "value_count", "field": "patient_bidx", "group-by": ["actor_id"],
+              "timespan": "10m", "condition": {"gte": 2}},
+             {"sel": {"actor_id": actor}, "condition": "sel"})
+    # two new patients every minute for 35 minutes
+    env.write([audit(base + m * MIN + i * S, actor=actor, patient=f"pat-{m}-{i}")
+               for m in range(35) for i in range(2)])
+    rows = run(env, compile_rule(r, base, base + HOUR, 60))
+    assert [x["window_end"] - base for x in rows] == [m * MIN for m in (1, 11, 21, 31, 41)]
+    assert [x["value"] for x in rows] == [2, 20, 20, 20, 8]
+    assert [x["evidence_count"] for x in rows] == [2, 20, 20, 20, 8]
 
 
 def test_value_count_merges_buckets_without_double_counting(env: Env, base: int) -> None:

@@ -4,11 +4,11 @@ Windows are ``[end - timespan, end)`` with ``end`` on a grid of ``step`` (multip
 since the epoch); one query evaluates every window ending in ``(window_from, window_to]`` and
 reads the source only once, from ``window_from - timespan`` to ``window_to``:
 
-* counting correlations (``event_count``, ``value_count``, ``absent``, ``lookup``) first
-  aggregate per group and per step bucket (a count, a ``uniqExactState`` of the counted field,
-  up to 100 event ids), then spread each bucket over the windows that contain it with an
-  ``ARRAY JOIN`` of window ends and merge: the cost grows with the number of (group, bucket)
-  pairs, not with events times windows;
+* counting correlations (``event_count``, ``value_count``, ``absent``, ``lookup``) turn the
+  events into +/- deltas per group at the windows where they enter and leave, and take running
+  sums at the windows where a threshold can first be crossed; only the earliest
+  non-overlapping crossing windows get their evidence (see ``_counting_sql``): the cost grows
+  with the events, not with events times windows;
 * ``temporal`` / ``temporal_ordered`` spread the (few) matching events themselves over their
   windows and test the sequence with ``countIf`` / ``sequenceMatch``;
 * ``none`` gives one row per matching event, in the grid step that contains it.
@@ -267,29 +267,73 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
         filtered = _absent_sql(rule, base, bind, lo_us, hi_us)
     elif c.type == "lookup":
         filtered = _lookup_sql(rule, base, bind)
-    state = "uniqExactState(f)" if c.type == "value_count" or c.field else "count()"
-    merge = "uniqExactMerge(st)" if c.type == "value_count" or c.field else "sum(st)"
-    thr = bind(int(_resolve(rule, c.threshold)), "UInt64")
-    sql = (
-        f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
-        f"k * {p_step} AS window_end, "
-        + "".join(f"{g}, " for g in gnames)
-        + f"toUInt64({merge}) AS value, "
-        f"arraySlice(groupArrayArray(ev), 1, {EVIDENCE_LIMIT}) AS evidence, "
-        "sum(n) AS evidence_count, "
-        f"arraySlice(arrayDistinct(groupArrayArray(trs)), 1, {EVIDENCE_LIMIT}) AS trace_ids "
-        "FROM ("
-        + f"SELECT {''.join(g + ', ' for g in gnames)}"
-        f"intDiv(toUnixTimestamp64Micro(t), {p_step}) AS b, count() AS n, {state} AS st, "
-        f"groupArray({EVIDENCE_LIMIT})(id) AS ev, "
-        f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trs "
-        f"FROM ({filtered}) GROUP BY {', '.join([*gnames, 'b'])}"
-        ") "
-        f"ARRAY JOIN range(greatest(b + 1, {p_klo}), least(b + {bind(nsteps, 'Int64')}, "
-        f"{p_khi}) + 1) AS k "
-        f"GROUP BY {', '.join([*gnames, 'k'])} HAVING value {_OPS[c.op]} {thr} "
-        f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
+    thr = bind(int(_resolve(rule, c.threshold)), "Int64")
+    sql = _counting_sql(filtered, gnames, step_us, span_us, k_lo, k_hi, bool(c.field),
+                        _OPS[c.op], thr)
     return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us, window_to_us)
+
+
+def _counting_sql(filtered: str, gnames: list[str], step_us: int, span_us: int, k_lo: int,
+                  k_hi: int, distinct: bool, op: str, thr: str) -> str:
+    """Counts (or distinct values) per group over every window, in a few passes:
+
+    1. ``bk``: events per (group, bucket); ``dl``: +count at the first window that contains
+       a bucket, -count after the last (distinct values: per (group, value), the merged runs
+       of windows that contain it);
+    2. ``cand``: the windows that may cross the threshold first: those ending right after a
+       non-empty bucket and those starting at one (a count only grows when an event enters);
+       their values are running sums of the deltas (one window function, no re-scan);
+    3. ``kept``: per group, the earliest crossing window, then the earliest one after it ends,
+       ... (``arrayFold``): non-overlapping, so each event falls in at most one of them;
+    4. the evidence of those windows only.
+
+    Integers are formatted here from ints computed by the compiler; values are parameters."""
+    n = int(span_us // step_us)
+    step, span, klo, khi = int(step_us), int(span_us), int(k_lo), int(k_hi)
+    g = ", ".join(gnames) if gnames else "gz"
+    extra_gz = "" if gnames else ", toUInt8(0) AS gz"
+    part = f"PARTITION BY {g} " if g else ""
+    if distinct:
+        deltas = (
+            f"pf AS (SELECT {g}, arraySort(groupUniqArray(b)) AS bs FROM ev GROUP BY {g}, f), "
+            f"dl AS (SELECT {g}, pd.1 AS pos, sum(pd.2) AS d FROM (SELECT {g}, arrayJoin("
+            f"arrayConcat(arrayMap(x -> (x + 1, toInt64(1)), arrayFilter((x, i) -> i = 1 OR "
+            f"x - bs[i - 1] > {n}, bs, arrayEnumerate(bs))), arrayMap(x -> (x + {n + 1}, "
+            f"toInt64(-1)), arrayFilter((x, i) -> i = length(bs) OR bs[i + 1] - x > {n}, bs, "
+            f"arrayEnumerate(bs))))) AS pd FROM pf) GROUP BY {g}, pos)")
+    else:
+        deltas = (
+            f"dl AS (SELECT {g}, pd.1 AS pos, sum(pd.2) AS d FROM (SELECT {g}, arrayJoin("
+            f"[(b + 1, toInt64(c)), (b + {n + 1}, -toInt64(c))]) AS pd FROM bk) "
+            f"GROUP BY {g}, pos)")
+    return (
+        "WITH "
+        f"ev AS (SELECT *, intDiv(toUnixTimestamp64Micro(t), {step}) AS b{extra_gz} "
+        f"FROM ({filtered})), "
+        f"bk AS (SELECT {g}, b, count() AS c FROM ev GROUP BY {g}, b), "
+        f"{deltas}, "
+        f"cand AS (SELECT DISTINCT {g}, k FROM bk ARRAY JOIN [b + 1, b + {n}] AS k "
+        f"WHERE k >= {klo} AND k <= {khi}), "
+        f"vals AS (SELECT {g}, pos AS k, is_cand, sum(d) OVER ({part}ORDER BY pos, is_cand "
+        "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS v FROM ("
+        f"SELECT {g}, pos, d, 0 AS is_cand FROM dl UNION ALL "
+        f"SELECT {g}, k AS pos, toInt64(0) AS d, 1 AS is_cand FROM cand)), "
+        f"fired AS (SELECT {g}, k, toUInt64(v) AS value FROM vals "
+        f"WHERE is_cand = 1 AND v {op} {thr}), "
+        f"kept AS (SELECT {g}, arrayFold((acc, x) -> if(empty(acc) OR x >= acc[-1] + {n}, "
+        f"arrayPushBack(acc, x), acc), arraySort(groupArray(k)), CAST([], 'Array(Int64)')) "
+        f"AS ks FROM fired GROUP BY {g}), "
+        f"evk AS (SELECT {g}, arrayFirst(x -> x - {n} <= ev.b AND ev.b < x, kept.ks) AS k, "
+        f"ev.id AS id, ev.tr AS tr FROM ev INNER JOIN kept USING ({g}) WHERE k != 0), "
+        f"agg AS (SELECT {g}, k, groupArray({EVIDENCE_LIMIT})(id) AS evidence, "
+        "count() AS evidence_count, "
+        f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trace_ids FROM evk "
+        f"GROUP BY {g}, k) "
+        f"SELECT k * {step} - {span} AS window_start, k * {step} AS window_end, "
+        + "".join(f"{x}, " for x in gnames)
+        + "value, evidence, evidence_count, trace_ids "
+        f"FROM fired INNER JOIN agg USING ({g}, k) "
+        f"ORDER BY window_end{''.join(', ' + x for x in gnames)}")
 
 
 _EXTRA = "/*extra columns*/"

@@ -179,9 +179,11 @@ def _micro(bind_name: str) -> str:
 
 
 def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 60,
-                 ) -> Compiled:
+                 materialize: bool = True) -> Compiled:
     """One SELECT returning the candidate alerts of every window of ``rule`` that ends in
-    ``(window_from_us, window_to_us]`` on the step grid."""
+    ``(window_from_us, window_to_us]`` on the step grid. ``materialize``: the filtered events
+    are read once (``WITH ... AS MATERIALIZED``, ClickHouse 26.x; the engine checks the
+    server has it), else once per use."""
     step, span = effective_grid(rule, step_s)
     step_us, span_us = step * 1_000_000, span * 1_000_000
     k_lo = window_from_us // step_us + 1
@@ -269,12 +271,12 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
         filtered = _lookup_sql(rule, base, bind)
     thr = bind(int(_resolve(rule, c.threshold)), "Int64")
     sql = _counting_sql(filtered, gnames, step_us, span_us, k_lo, k_hi, bool(c.field),
-                        _OPS[c.op], thr)
+                        _OPS[c.op], thr, materialize)
     return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us, window_to_us)
 
 
 def _counting_sql(filtered: str, gnames: list[str], step_us: int, span_us: int, k_lo: int,
-                  k_hi: int, distinct: bool, op: str, thr: str) -> str:
+                  k_hi: int, distinct: bool, op: str, thr: str, materialize: bool) -> str:
     """Counts (or distinct values) per group over every window, in a few passes:
 
     1. ``bk``: events per (group, bucket); ``dl``: +count at the first window that contains
@@ -308,7 +310,8 @@ def _counting_sql(filtered: str, gnames: list[str], step_us: int, span_us: int, 
             f"GROUP BY {g}, pos)")
     return (
         "WITH "
-        f"ev AS (SELECT *, intDiv(toUnixTimestamp64Micro(t), {step}) AS b{extra_gz} "
+        f"ev AS {'MATERIALIZED ' if materialize else ''}"
+        f"(SELECT *, intDiv(toUnixTimestamp64Micro(t), {step}) AS b{extra_gz} "
         f"FROM ({filtered})), "
         f"bk AS (SELECT {g}, b, count() AS c FROM ev GROUP BY {g}, b), "
         f"{deltas}, "
@@ -333,7 +336,8 @@ def _counting_sql(filtered: str, gnames: list[str], step_us: int, span_us: int, 
         + "".join(f"{x}, " for x in gnames)
         + "value, evidence, evidence_count, trace_ids "
         f"FROM fired INNER JOIN agg USING ({g}, k) "
-        f"ORDER BY window_end{''.join(', ' + x for x in gnames)}")
+        f"ORDER BY window_end{''.join(', ' + x for x in gnames)}"
+        + (" SETTINGS enable_materialized_cte = 1" if materialize else ""))
 
 
 _EXTRA = "/*extra columns*/"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from phiaudit.storage import Alert, PermanentError, RecordEncoder
+from phiaudit.storage import Alert, PermanentError, PhiAuditError, RecordEncoder
 
 from ._compile import Compiled, compile_rule, effective_grid, rule_hash
 from ._config import RulesConfig
@@ -107,6 +107,7 @@ class RuleEngine:
         self.rules = {r.id: r for r in rules}
         self.stats = RunStats()
         self._lock = threading.Lock()
+        self._materialize: bool | None = None
 
     # -- public entry points ----------------------------------------------------------
     @property
@@ -120,15 +121,26 @@ class RuleEngine:
         step, _span = effective_grid(rule, self.config.step_s)
         step_us = step * 1_000_000
         to = (now - self.config.lateness_s * 1_000_000) // step_us * step_us
-        compiled = compile_rule(rule, to - step_us, to, self.config.step_s)
+        compiled = self._compile(rule, to - step_us, to)
         head = (f"-- rule {rule.id} ({rule.severity}): {rule.title}\n"
                 f"-- source {rule.source}, correlation {rule.correlation.type}, "
                 f"windows ending in ({_iso(to - step_us)}, {_iso(to)}]\n")
         return head + compiled.explain()
 
     def compile(self, rule_id: str, window_from_us: int, window_to_us: int) -> Compiled:
-        return compile_rule(self._rule(rule_id), window_from_us, window_to_us,
-                            self.config.step_s)
+        return self._compile(self._rule(rule_id), window_from_us, window_to_us)
+
+    def _compile(self, rule: Rule, window_from_us: int, window_to_us: int) -> Compiled:
+        if self._materialize is None:
+            # materialized CTEs (read the filtered events once) need ClickHouse 26.x
+            try:
+                self.store.query("WITH x AS MATERIALIZED (SELECT 1 AS a) SELECT a FROM x "
+                                 "SETTINGS enable_materialized_cte = 1")
+                self._materialize = True
+            except PhiAuditError:
+                self._materialize = False
+        return compile_rule(rule, window_from_us, window_to_us, self.config.step_s,
+                            materialize=self._materialize)
 
     def run_due(self, now_us: int | None = None) -> list[Alert]:
         """Evaluate every enabled rule's due windows; write the alerts and the watermarks."""
@@ -220,7 +232,7 @@ class RuleEngine:
         return alerts
 
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
-        compiled = compile_rule(rule, frm, to, self.config.step_s)
+        compiled = self._compile(rule, frm, to)
         _cols, rows = self.store.query(compiled.sql, compiled.params)
         ngroup = len(compiled.group_by)
         span_s = compiled.span_us // 1_000_000

@@ -23,7 +23,10 @@ Exporter (``--exporter``): by default the real ``OTLPSpanExporter`` pointed at a
 production: phiaudit changes how spans are exported (its own path, more attributes per
 span), so an in-memory exporter would hide part of the added cost (protobuf encoding, gRPC).
 ``--exporter memory`` uses the SDK's ``InMemorySpanExporter`` for both, which isolates the
-in-process work (classification, tagging, queueing) from export.
+in-process work (classification, tagging, queueing) from export. With the OTLP exporter,
+phiaudit's delivery encodes audit spans with its own lean encoder and hands the bytes to the
+same ``OTLPSpanExporter`` (the baseline's spans go through the SDK's encoder); with any other
+exporter it passes ``ReadableSpan`` objects, as the baseline does.
 
 How it measures: each variant runs in a long-lived worker process of its own (no global
 OpenTelemetry state shared, one data directory each). A block is R rounds of the sample
@@ -121,7 +124,12 @@ def worker(variant: str, endpoint: str | None, workdir: Path) -> int:
         for t in threading.enumerate():
             try:
                 clock = time.pthread_getcpuclockid(t.ident)  # type: ignore[arg-type]
-                name = "main" if t is threading.main_thread() else t.name.split("-")[0]
+                if t is threading.main_thread():
+                    name = "main"
+                elif t.name.startswith("phiaudit"):  # phiaudit-intake, phiaudit-sender
+                    name = t.name
+                else:
+                    name = t.name.split("-")[0]
                 out[name] = out.get(name, 0.0) + time.clock_gettime(clock)
             except (OSError, TypeError, ValueError):  # a thread that just ended
                 pass

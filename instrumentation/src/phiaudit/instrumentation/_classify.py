@@ -172,7 +172,8 @@ class Classifier:
         self, name: str, kind: SpanKind | None, attrs: Attrs | None, *, ended: bool = False
     ) -> Tags | None:
         """Tags to add to a span (missing keys only), or None when it is not PHI."""
-        attrs = attrs or {}
+        if not attrs:  # e.g. a database span at start: no statement, no table yet
+            return None
         if attrs.get(PHI_AUDIT_EVENT) is True:
             tags: Tags | None = {}
         elif (method := _str(attrs, HTTP_METHOD, HTTP_METHOD_OLD)) is not None:

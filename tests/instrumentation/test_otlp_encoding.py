@@ -244,3 +244,41 @@ def test_other_exporters_still_get_readable_spans_with_the_enriched_attributes(
         s.context.span_id for s in spans if s.context
     ]
     assert all((s.attributes or {})["phi.audit.outcome"] == "success" for s in exporter.spans)
+
+
+def test_an_exporter_that_reads_spans_falls_back_to_spans_once(
+    tmp_path: Path, endpoint: tuple[str, Recorder]
+) -> None:
+    """If the OTLP exporter's internals are not what the fast path expects (another SDK
+    version), the batch is sent as spans, once, and every later batch too."""
+    address, recorder = endpoint
+    exporter = OTLPSpanExporter(endpoint=address, insecure=True)
+    assert supports_fast_path(exporter)
+    calls: list[int] = []
+    original = exporter.export
+
+    def reads_spans(spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        calls.append(len(list(spans)))  # iterating an encoded request raises
+        return original(spans)
+
+    exporter.export = reads_spans  # type: ignore[method-assign]
+    delivery = AuditDelivery(exporter, fast_delivery(tmp_path))
+    spans = varied_spans()
+    for span in spans[:5]:
+        delivery.submit(span)
+    assert delivery.force_flush(10000)
+    for span in spans[5:]:
+        delivery.submit(span)
+    assert delivery.force_flush(10000)
+    delivery.shutdown()
+    assert not supports_fast_path(exporter)
+    got = [
+        s.span_id
+        for r in recorder.requests
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert sorted(got) == sorted(s.context.span_id.to_bytes(8, "big") for s in spans if s.context)
+    assert sum(calls) == len(spans)
+    assert delivery.dropped == 0 and delivery.spooled == 0

@@ -46,7 +46,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from phiaudit.instrumentation._config import DeliveryConfig
-from phiaudit.instrumentation._otlp import Encoded, Entry, encode_request, supports_fast_path
+from phiaudit.instrumentation._otlp import (
+    Encoded,
+    Entry,
+    NotSpans,
+    disable_fast_path,
+    encode_request,
+    supports_fast_path,
+)
 from phiaudit.instrumentation._spool import Spool, SpoolCorrupt
 
 _log = logging.getLogger("phiaudit.instrumentation")
@@ -54,6 +61,7 @@ _log = logging.getLogger("phiaudit.instrumentation")
 DROPPED_METRIC = "phiaudit.instrumentation.audit_spans.dropped"
 SPOOLED_METRIC = "phiaudit.instrumentation.audit_spans.spooled"
 
+_NOT_SENT = object()
 _IDLE_WAIT = 0.05  # seconds: how often the intake thread looks at an export in flight
 
 
@@ -395,11 +403,15 @@ class AuditDelivery:
     def _export(self, batch: Sequence[Entry]) -> bool:
         try:
             exporter = self.exporter  # may be replaced at run time
+            result: object = _NOT_SENT
             if supports_fast_path(exporter):  # encoded once, here, by the lean encoder
-                data: Sequence[ReadableSpan] = Encoded(encode_request(batch), len(batch))
-            else:
-                data = _spans(batch)
-            ok = exporter.export(data) is SpanExportResult.SUCCESS
+                try:
+                    result = exporter.export(Encoded(encode_request(batch), len(batch)))
+                except NotSpans:  # not the exporter this fast path expects: spans from now on
+                    disable_fast_path(exporter)
+            if result is _NOT_SENT:
+                result = exporter.export(_spans(batch))
+            ok = result is SpanExportResult.SUCCESS
         except Exception as exc:
             ok = False
             self._export_errors += 1

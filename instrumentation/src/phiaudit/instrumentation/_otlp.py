@@ -14,9 +14,10 @@ other exporter is called with ``ReadableSpan`` objects, as before.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -347,6 +348,11 @@ def encode_request(entries: Iterable[Entry]) -> bytes:
 # ----------------------------------------------------------------------------------------
 # the OTLP exporter's fast path
 # ----------------------------------------------------------------------------------------
+class NotSpans(TypeError):
+    """An exporter tried to read spans out of an :class:`Encoded` request (its fast path is
+    not what this module expects, e.g. another SDK version): use spans for it instead."""
+
+
 class Encoded(Sequence[ReadableSpan]):
     """An encoded request standing in for its spans (``len`` is the span count, which the
     exporter uses for its metrics)."""
@@ -361,7 +367,10 @@ class Encoded(Sequence[ReadableSpan]):
         return self.size
 
     def __getitem__(self, index: Any) -> Any:
-        raise TypeError("an encoded OTLP request has no span objects")
+        raise NotSpans("an encoded OTLP request has no span objects")
+
+    def __iter__(self) -> Iterator[ReadableSpan]:
+        raise NotSpans("an encoded OTLP request has no span objects")
 
 
 _PATCHED = "_phiaudit_fast_path"
@@ -369,8 +378,9 @@ _PATCHED = "_phiaudit_fast_path"
 
 def supports_fast_path(exporter: object) -> bool:
     """True for the OTLP/gRPC span exporter (given encoded requests from now on)."""
-    if getattr(exporter, _PATCHED, False):
-        return True
+    known = getattr(exporter, _PATCHED, None)
+    if known is not None:
+        return bool(known)
     cls = type(exporter)
     if cls.__name__ != "OTLPSpanExporter" or not cls.__module__.startswith(
         "opentelemetry.exporter.otlp.proto.grpc"
@@ -398,3 +408,11 @@ def supports_fast_path(exporter: object) -> bool:
     except AttributeError:  # pragma: no cover - e.g. __slots__
         return False
     return True
+
+
+def disable_fast_path(exporter: object) -> None:
+    """Give ``exporter`` spans from now on (it could not take an encoded request)."""
+    with contextlib.suppress(AttributeError):
+        del exporter._translate_data  # type: ignore[attr-defined]
+    with contextlib.suppress(AttributeError):
+        setattr(exporter, _PATCHED, False)

@@ -81,20 +81,20 @@ class PendingSpan:
 
 def _entry(item: ReadableSpan | PendingSpan) -> Entry:
     if not isinstance(item, PendingSpan):
-        return item, item.attributes or {}
+        return item, None  # its own attributes
     try:
         return item.span, item.attributes()
     except Exception as exc:  # deliver what the span has rather than nothing
         _log.error(
             "phiaudit: internal error while enriching an audit span (%s)", type(exc).__name__
         )
-        return item.span, item.span.attributes or {}
+        return item.span, None
 
 
 def _as_span(entry: Entry) -> ReadableSpan:
     """A ``ReadableSpan`` carrying the entry's attributes (for exporters and the spool)."""
     span, attrs = entry
-    if attrs is span.attributes:
+    if attrs is None:
         return span
     return ReadableSpan(
         name=span.name,
@@ -442,7 +442,7 @@ class AuditDelivery:
             return
         except OSError:
             return  # e.g. vanished: the next round looks again
-        if self._export([(s, s.attributes or {}) for s in spans]):
+        if self._export([(s, None) for s in spans]):
             self.spool.acknowledge(segment)
 
     def _to_spool(self, batch: list[Entry]) -> None:

@@ -25,8 +25,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
-#: (span, the attributes to send instead of ``span.attributes``)
-Entry = tuple[ReadableSpan, Mapping[str, Any]]
+#: (span, the attributes to send instead of ``span.attributes``, None for its own)
+Entry = tuple[ReadableSpan, Mapping[str, Any] | None]
 
 _INT64 = 1 << 63
 _FLAGS_HAS_IS_REMOTE = 0x100
@@ -218,7 +218,7 @@ def _status(span: ReadableSpan) -> bytes:
 
 
 def encode_span(span: ReadableSpan, attrs: Mapping[str, Any] | None) -> bytes:
-    """One ``Span`` message body, with ``attrs`` as its attributes."""
+    """One ``Span`` message body, with ``attrs`` (None: the span's own) as its attributes."""
     ctx = span.get_span_context()
     parts: list[bytes] = []
     if ctx is not None:
@@ -239,7 +239,7 @@ def encode_span(span: ReadableSpan, attrs: Mapping[str, Any] | None) -> bytes:
         parts.append(b"\x39" + _pack_fixed64(span.start_time))
     if span.end_time:
         parts.append(b"\x41" + _pack_fixed64(span.end_time))
-    parts.extend(_attributes(_T9_LD, attrs))
+    parts.extend(_attributes(_T9_LD, span.attributes if attrs is None else attrs))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     for event in span.events:

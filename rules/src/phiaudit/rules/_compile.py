@@ -46,6 +46,8 @@ __all__ = ["Compiled", "compile_rule", "effective_grid", "rule_hash"]
 
 _OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
 EVIDENCE_LIMIT = 100
+#: at most this many alerts per rule and query (a runaway rule is reported, not stored whole)
+MAX_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
             + "".join(f"{g}, " for g in gnames)
             + f"toString(id) AS event, {value} AS value, [id] AS evidence, "
             "toUInt64(1) AS evidence_count, arrayFilter(x -> x != '', [tr]) AS trace_ids "
-            f"FROM ({base.format(extra='')}) ORDER BY t, id LIMIT 100000")
+            f"FROM ({base.format(extra='')}) ORDER BY t, id LIMIT {MAX_ROWS}")
         return _done(rule, sql, bind, (*group, "event_id"), step_us, span_us,
                      window_from_us, window_to_us)
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from phiaudit.storage import Alert, PermanentError, PhiAuditError, RecordEncoder
 
-from ._compile import Compiled, compile_rule, effective_grid, rule_hash
+from ._compile import MAX_ROWS, Compiled, compile_rule, effective_grid, rule_hash
 from ._config import RulesConfig
 from ._model import Rule
 
@@ -66,6 +66,7 @@ class RunStats:
     alerts: int = 0
     duplicates: int = 0
     failures: int = 0
+    truncated: int = 0
     seconds: float = 0.0
 
 
@@ -206,10 +207,16 @@ class RuleEngine:
             t0 = time.monotonic()
             cands: list[Alert] = []
             cursor = frm
-            while cursor < to:
-                nxt = min(to, cursor + CHUNK_US)
-                cands += self._candidates(rule, cursor, nxt, mode, now)
-                cursor = nxt
+            try:
+                while cursor < to:
+                    nxt = min(to, cursor + CHUNK_US)
+                    cands += self._candidates(rule, cursor, nxt, mode, now)
+                    cursor = nxt
+            except PermanentError as exc:
+                # one broken rule does not stop the others; its watermark stays, it is retried
+                self.stats.failures += 1
+                _log.error("rules: rule %s failed: %s", rule.id, exc)
+                continue
             candidates += cands
             counts[rule.id] = 0
             runs.append([rule.id, mode, frm, to, now, 0,
@@ -234,6 +241,10 @@ class RuleEngine:
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
         compiled = self._compile(rule, frm, to)
         _cols, rows = self.store.query(compiled.sql, compiled.params)
+        if len(rows) >= MAX_ROWS:
+            self.stats.truncated += 1
+            _log.warning("rules: rule %s matched %d events or more in one range; the rest of "
+                         "the range is not alerted on", rule.id, MAX_ROWS)
         ngroup = len(compiled.group_by)
         span_s = compiled.span_us // 1_000_000
         out = []

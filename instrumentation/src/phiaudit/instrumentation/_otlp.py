@@ -4,12 +4,14 @@ The SDK's encoder (``opentelemetry-exporter-otlp-proto-common``) builds a protob
 message object per attribute in Python, which costs more than everything else phiaudit
 does per span. :func:`encode_request` writes the same ``ExportTraceServiceRequest`` bytes
 directly (same fields, same grouping by resource then instrumentation scope, same
-defaults), with the encoded attribute keys, resources and scopes cached.
+defaults), with the encoded attribute keys, resources and scopes cached, and the fields of
+a few low-cardinality attributes that never hold PHI (``_REPEATED_KEYS``).
 
-:func:`fast_export` hands those bytes to an ``OTLPSpanExporter`` (gRPC) through its own
-``export`` (so its retries, deadline, headers, compression and metrics still apply): the
-exporter's request builder is given the already encoded request instead of spans. Any
-other exporter is called with ``ReadableSpan`` objects, as before.
+:func:`supports_fast_path` lets an ``OTLPSpanExporter`` (gRPC) take those bytes through its
+own ``export`` (so its retries, deadline, headers, compression and metrics still apply): its
+request builder is given the already encoded request instead of spans. Any other exporter
+is called with ``ReadableSpan`` objects, as before; so is an OTLP exporter whose internals
+turn out different (:class:`NotSpans`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ trail cannot afford. :class:`AuditDelivery` instead:
 * an export still running after ``export_hang_seconds`` is treated as hanging: the intake
   thread copies its batch (and the one waiting for the sender) to the spool, so a crash
   while the exporter hangs loses nothing; the copy is deleted if the export then succeeds;
-* the sender exports, and on anything but ``SpanExportResult.SUCCESS`` (or an exception)
+* the sender exports: to an ``OTLPSpanExporter`` (gRPC) a batch goes as one request
+  encoded by :mod:`._otlp` (a fraction of the SDK encoder's cost), to any other exporter as
+  ``ReadableSpan`` objects; on anything but ``SpanExportResult.SUCCESS`` (or an exception)
   spools the batch and retries the spool oldest first with exponential backoff until the
   exporter acknowledges; the spool is replayed by the next run after a restart;
 * only when the spool is at its cap (or the queue stays full past the bound) are spans

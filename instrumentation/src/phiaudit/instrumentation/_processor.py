@@ -6,9 +6,11 @@
   start attributes allow (:mod:`._classify`), the user known for the trace, and moves a
   query string out of ``url.query``/``http.target``/``url.full`` into ``phi.query``;
 * in ``on_end`` it classifies again with the final attributes (a database statement, the
-  HTTP status, a user set during the request), and hands an enriched copy of every audit
-  span (tagged, or carrying ``phi.access`` events) to :class:`AuditDelivery`, which never
-  drops silently. It does so whether or not the span is sampled.
+  HTTP status, a user set during the request), and hands every audit span (tagged, or
+  carrying ``phi.access`` events) with those tags and the user to :class:`AuditDelivery`,
+  which never drops silently. It does so whether or not the span is sampled. The enriched
+  attributes (outcome, ``phi.query``, redactions, user) are built by the delivery's intake
+  thread, off the request thread.
 
 Because audit spans have their own export path, wrap your other processors with
 :func:`without_phi` so that PHI (and the clear query strings an instrumentation may set

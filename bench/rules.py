@@ -165,21 +165,36 @@ FROM numbers({100 * days})"""),
         client.command(sql, settings=settings)
         print(f"  {table}: {time.perf_counter() - t0:.1f} s", flush=True)
     client.command("OPTIMIZE TABLE phiaudit.audit_events FINAL", settings={"max_threads": 2})
+    _write_sizes(client, data_dir)
     client.close()
 
 
-def _add_time_index(data_dir: Path) -> None:
-    """Child process: a minmax skip index on the time column of the rules' source tables
-    (a proposal, measured here; the schema has none)."""
+def _write_sizes(client: Any, data_dir: Path) -> None:
+    """The active parts' bytes on disk per table (the directory also holds parts merged
+    away and not yet removed)."""
+    rows = client.query("SELECT table, sum(rows), sum(bytes_on_disk) FROM system.parts "
+                        "WHERE database = 'phiaudit' AND active GROUP BY table").result_rows
+    sizes = {str(t): {"rows": int(r), "bytes": int(b)} for t, r, b in rows}
+    (data_dir / "bench-sizes.json").write_text(json.dumps(sizes))
+
+
+def _time_index(data_dir: Path, add: bool) -> None:
+    """Child process: add (or drop) a minmax skip index on the time column of the rules'
+    source tables (a schema proposal, measured here)."""
     from phiaudit.storage import admin_client
 
     client = admin_client(data_dir)
     for table, column in (("audit_events", "event_time"), ("infra_events", "event_time"),
                           ("access_log", "time")):
+        if not add:
+            client.command(f"ALTER TABLE phiaudit.{table} DROP INDEX IF EXISTS idx_time",
+                           settings={"mutations_sync": 2})
+            continue
         client.command(f"ALTER TABLE phiaudit.{table} ADD INDEX IF NOT EXISTS idx_time "
                        f"{column} TYPE minmax GRANULARITY 1")
         client.command(f"ALTER TABLE phiaudit.{table} MATERIALIZE INDEX idx_time",
                        settings={"mutations_sync": 2})
+    _write_sizes(client, data_dir)
     client.close()
 
 
@@ -254,6 +269,7 @@ def _measure(data_dir: Path, events: int, days: int, minutes: int) -> dict[str, 
     lo, hi = BASE_US + day * DAY_US, BASE_US + (day + 1) * DAY_US
     engine = RuleEngine(store, submit, encoder, rules, config)
     base_day = min(plain(lo, hi) for _ in range(3))
+    run_from = time.time_ns() // 1000 - 1_000_000  # this run's rule_runs rows (time >= it)
     t_day, alerts = _timed(lambda: engine.backfill(lo, hi))
     _, n_day = store.query(
         "SELECT count() FROM audit_events WHERE event_time >= "
@@ -266,8 +282,9 @@ def _measure(data_dir: Path, events: int, days: int, minutes: int) -> dict[str, 
     _, per_rule = store.query(
         "SELECT rule_id, sum(duration_us) / 1e6 AS s FROM rule_runs WHERE mode = 'backfill' "
         "AND window_from >= fromUnixTimestamp64Micro({lo:Int64}, 'UTC') "
-        "AND window_to <= fromUnixTimestamp64Micro({hi:Int64}, 'UTC') GROUP BY rule_id "
-        "ORDER BY s DESC", {"lo": lo, "hi": hi})
+        "AND window_to <= fromUnixTimestamp64Micro({hi:Int64}, 'UTC') "
+        "AND time >= fromUnixTimestamp64Micro({run:Int64}, 'UTC') GROUP BY rule_id "
+        "ORDER BY s DESC", {"lo": lo, "hi": hi, "run": run_from})
     out["backfill_day"]["per_rule_seconds"] = {str(r): round(float(v), 2) for r, v in per_rule}
     print(f"(b) backfill one day ({int(n_day[0][0]):,} audit events): {t_day:.2f} s, "
           f"{len(alerts)} alerts; baseline GROUP BY {base_day:.3f} s; "
@@ -279,7 +296,12 @@ def _measure(data_dir: Path, events: int, days: int, minutes: int) -> dict[str, 
     # (a) one minute of traffic: the engine is caught up to 17:00 of the last day, then each
     # run_due evaluates the next minute
     last = BASE_US + (days - 1) * DAY_US
-    start = last + 17 * 3600 * 1_000_000
+    start = last + 16 * 3600 * 1_000_000
+    _, marks = store.query("SELECT toUnixTimestamp64Micro(max(window_to)) FROM rule_runs "
+                           "WHERE mode = 'scheduled'")
+    if marks and marks[0][0] and int(marks[0][0]) >= start - 3600 * 1_000_000:
+        # a reused store: measure minutes after the ones measured before
+        start = (int(marks[0][0]) // MIN_US + 5) * MIN_US
     lateness_us = config.lateness_s * 1_000_000
     engine = RuleEngine(store, submit, encoder, rules, config)
     engine.backfill(start - 3600 * 1_000_000, start)
@@ -325,8 +347,9 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=5)
     ap.add_argument("--minutes", type=int, default=5, help="minutes of run_due measured")
     ap.add_argument("--keep", type=Path, help="build the store here (or reuse it) and keep it")
-    ap.add_argument("--time-index", action="store_true",
-                    help="add a minmax index on the time columns first (a schema proposal)")
+    ap.add_argument("--time-index", choices=("add", "drop"),
+                    help="first add (or drop) a minmax index on the time columns (a schema "
+                         "proposal; the schema has none)")
     ap.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # child processes
     ap.add_argument("--index-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,7 +357,7 @@ def main() -> None:
         _generate(args.generate, args.events, args.days)
         return
     if args.index_child:
-        _add_time_index(args.index_child)
+        _time_index(args.index_child, args.time_index == "add")
         return
     if args.days < 2 or args.events < 10_000:
         ap.error("at least 2 days and 10,000 events")
@@ -368,15 +391,24 @@ def main() -> None:
                 {"events": args.events, "days": args.days, "generate_seconds": gen_s}))
         if args.time_index:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--index-child", str(data_dir)],
-                           check=True, env=dict(os.environ))
-            print(f"time index added in {time.perf_counter() - t0:.0f} s", flush=True)
+            subprocess.run([sys.executable, __file__, "--index-child", str(data_dir),
+                            "--time-index", args.time_index], check=True, env=dict(os.environ))
+            print(f"time index: {args.time_index} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
         size = _dir_bytes(data_dir)
-        print(f"generated in {gen_s:.0f} s; store size {size / 2**20:,.0f} MiB", flush=True)
+        sizes_file = data_dir / "bench-sizes.json"
+        sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+        active = sum(v["bytes"] for v in sizes.values())
+        print(f"generated in {gen_s:.0f} s; store size {active / 2**20:,.0f} MiB in active "
+              f"parts (" + ", ".join(f"{t} {v['bytes'] / 2**20:,.0f} MiB" for t, v in
+                                     sorted(sizes.items()) if v["bytes"] > 2**20)
+              + f"); {size / 2**20:,.0f} MiB in the directory", flush=True)
         out = _measure(data_dir, args.events, args.days, args.minutes)
         out["generate_seconds"] = round(gen_s, 1)
-        out["time_index"] = args.time_index
-        out["store_mib"] = round(size / 2**20, 1)
+        out["time_index"] = args.time_index == "add"  # ("drop" and no option: none)
+        out["store_mib"] = round(active / 2**20, 1)
+        out["directory_mib"] = round(size / 2**20, 1)
+        out["tables"] = sizes
         out["load"] = os.getloadavg()
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(out, indent=2) + "\n")

@@ -52,12 +52,16 @@ def test_windows_on_the_step_grid_ending_in_the_range(env: Env, base: int) -> No
     # earliest (overlapping windows are one alert)
     assert [(x["window_start"], x["window_end"]) for x in rows] == [(base - MIN, base + 2 * MIN)]
     assert rows[0]["g0"] == actor and rows[0]["value"] == 1
-    # only the windows ending in (from, to]: those where a count can first cross the threshold,
-    # ending right after an event's step or starting at it (the one ending at +3m holds no more
-    # than the one ending at +2m, evaluated with an earlier range)
-    rows = run(env, compile_rule(r, base + MIN, base + 2 * MIN, 60))
-    assert [x["window_end"] for x in rows] == [base + 2 * MIN]
-    assert run(env, compile_rule(r, base + 2 * MIN, base + 3 * MIN, 60)) == []
+    # a scheduled run (one or two window ends): every window ending in (from, to]
+    for end in (2, 3, 4):
+        rows = run(env, compile_rule(r, base + (end - 1) * MIN, base + end * MIN, 60))
+        assert [x["window_end"] for x in rows] == [base + end * MIN]
+    assert run(env, compile_rule(r, base + 4 * MIN, base + 5 * MIN, 60)) == []
+    rows = run(env, compile_rule(r, base + 2 * MIN, base + 4 * MIN, 60))
+    assert [x["window_end"] for x in rows] == [base + 3 * MIN, base + 4 * MIN]
+    # longer ranges: the windows where a count can first cross the threshold, ending right
+    # after an event's step or starting at it (one ending at +3m holds no more than the one
+    # ending at +2m), the earliest of overlapping ones
     rows = run(env, compile_rule(r, base + 3 * MIN, base + 10 * MIN, 60))
     assert [(x["window_start"], x["window_end"]) for x in rows] == [(base + MIN, base + 4 * MIN)]
     assert run(env, compile_rule(r, base + 4 * MIN, base + 10 * MIN, 60)) == []

@@ -4,7 +4,9 @@ Windows are ``[end - timespan, end)`` with ``end`` on a grid of ``step`` (multip
 since the epoch); one query evaluates every window ending in ``(window_from, window_to]`` and
 reads the source only once, from ``window_from - timespan`` to ``window_to``:
 
-* counting correlations (``event_count``, ``value_count``, ``absent``, ``lookup``) turn the
+* counting correlations (``event_count``, ``value_count``, ``absent``, ``lookup``) over one or
+  two window ends (a scheduled run) count each window directly (every event is in at most
+  that many); over longer ranges (backfills, catching up) they turn the
   events into +/- deltas per group at the windows where they enter and leave, and take running
   sums at the windows where a threshold can first be crossed; only the earliest
   non-overlapping crossing windows get their evidence (see ``_counting_sql``): the cost grows
@@ -48,6 +50,8 @@ _OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
 EVIDENCE_LIMIT = 100
 #: at most this many alerts per rule and query (a runaway rule is reported, not stored whole)
 MAX_ROWS = 100_000
+#: ranges of at most this many window ends (scheduled runs) count each window directly
+DIRECT_WINDOWS = 2
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,24 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     elif c.type == "lookup":
         filtered = _lookup_sql(rule, base, bind)
     thr = bind(int(_resolve(rule, c.threshold)), "Int64")
+    if k_hi - k_lo < DIRECT_WINDOWS:
+        # a scheduled run: one or two window ends; each event falls in at most that many
+        value = "uniqExact(f)" if c.field else "count()"
+        sql = (
+            f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
+            f"k * {p_step} AS window_end, "
+            + "".join(f"{g}, " for g in gnames)
+            + f"toUInt64({value}) AS value, "
+            f"groupArray({EVIDENCE_LIMIT})(id) AS evidence, count() AS evidence_count, "
+            f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trace_ids "
+            f"FROM ({filtered}) "
+            f"ARRAY JOIN range(greatest(intDiv(toUnixTimestamp64Micro(t), {p_step}) + 1, "
+            f"{p_klo}), least(intDiv(toUnixTimestamp64Micro(t), {p_step}) + "
+            f"{bind(nsteps, 'Int64')}, {p_khi}) + 1) AS k "
+            f"GROUP BY {', '.join([*gnames, 'k'])} HAVING value {_OPS[c.op]} {thr} "
+            f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
+        return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us,
+                     window_to_us)
     sql = _counting_sql(filtered, gnames, step_us, span_us, k_lo, k_hi, bool(c.field),
                         _OPS[c.op], thr, materialize)
     return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us, window_to_us)

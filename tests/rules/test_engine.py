@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,6 @@ def backfill(env: Env, r: Rule, start: int, end: int, **config: Any) -> list[Ale
     return alerts
 
 
-Case = Callable[[Env, int], None]
 
 
 # -- the built-in rules ----------------------------------------------------------------------

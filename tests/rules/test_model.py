@@ -268,3 +268,16 @@ correlation: {type: none, group-by: [actor_id]}
         load_rule_file(bad)
     with pytest.raises(ConfigError, match="no such file"):
         load_rules(RulesConfig.from_mapping({"rule_files": [str(tmp_path / "none.yaml")]}))
+
+
+def test_sigma_quantifiers_in_conditions() -> None:
+    doc = variant(detection={"sel_a": {"action": "read"}, "sel_b": {"action": "search"},
+                             "f": {"outcome": "failure"}, "condition": "1 of sel_* and not f"})
+    assert parse_rule(doc).condition == (
+        "and", ("or", ("sel", "sel_a"), ("sel", "sel_b")), ("not", ("sel", "f")))
+    doc["detection"]["condition"] = "all of them"
+    assert parse_rule(doc).condition[0] == "and"
+    for bad, expected in (("1 of none*", "no selection matches"), ("sel_a*", "unknown selection"),
+                          ("1 of", "needs a selection pattern"), ("sel_a sel_b", "unexpected")):
+        doc["detection"]["condition"] = bad
+        assert any(expected in e for e in errors_of(doc)), bad

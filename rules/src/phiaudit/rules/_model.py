@@ -56,7 +56,7 @@ _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_TOKEN = re.compile(r"\s*(\(|\)|[A-Za-z_][A-Za-z0-9_]*)")
+_TOKEN = re.compile(r"\s*(\(|\)|[A-Za-z_][A-Za-z0-9_]*\*?|1(?![0-9A-Za-z_]))")
 _NUMERIC = ("UInt8", "UInt16", "UInt32", "UInt64", "Int64", "Bool")
 
 
@@ -522,16 +522,6 @@ def _parse_condition(text: str, names: set[str], path: str, errors: list[str]) -
         if not m:
             if text[pos:].strip() == "":
                 break
-            rest = text[pos:].lstrip()
-            m2 = re.match(r"[A-Za-z_][A-Za-z0-9_]*\*", rest)
-            if m2:
-                tokens.append(m2.group(0))
-                pos = len(text) - len(rest) + m2.end()
-                continue
-            if rest[:1] == "1":
-                tokens.append("1")
-                pos = len(text) - len(rest) + 1
-                continue
             errors.append(f"{path}: unexpected character at position {pos + 1}")
             return ("true",)
         tokens.append(m.group(1))

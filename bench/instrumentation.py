@@ -39,7 +39,13 @@ adjacent blocks, so machine noise and drift cancel; the result is the median rat
 Target: at most 10% added CPU per request (median ratio <= 1.10). Printed as PASS/MISS,
 never asserted; results go to ``bench/results/instrumentation.json``. ``--profile FILE``
 also runs a block of the phiaudit worker under cProfile (request thread) and writes the
-stats, with the top phiaudit functions printed.
+stats, with the top phiaudit functions printed. ``--previous DIR`` adds a fourth worker whose
+``phiaudit.instrumentation`` comes from ``DIR/phiaudit/instrumentation/`` (put first on its
+``PYTHONPATH``), interleaved with the others: a before/after comparison in the same run, e.g.::
+
+    mkdir -p /tmp/prev && git archive HEAD~1 instrumentation/src/phiaudit/instrumentation \
+        | tar -x -C /tmp/prev --strip-components=2 && .venv/bin/python bench/instrumentation.py \
+        --previous /tmp/prev
 """
 
 from __future__ import annotations
@@ -182,16 +188,21 @@ def worker(variant: str, endpoint: str | None, workdir: Path) -> int:
 
 
 class Worker:
-    def __init__(self, variant: str, endpoint: str | None, workdir: Path) -> None:
+    def __init__(self, variant: str, endpoint: str | None, workdir: Path,
+                 pythonpath: str | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
+        kind = "phiaudit" if variant == "previous" else variant
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
                "--workdir", str(workdir)]
         if endpoint:
             cmd += ["--endpoint", endpoint]
+        env = _clean_env()
+        if pythonpath:  # imported before the installed phiaudit.instrumentation
+            env["PYTHONPATH"] = pythonpath
         self.variant = variant
         self._log = open(workdir / "worker.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, env=_clean_env(), cwd=ROOT)
+                                     stderr=self._log, text=True, env=env, cwd=ROOT)
         assert self._read().get("ready")
 
     def _read(self) -> dict[str, Any]:
@@ -261,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured blocks per variant")
     parser.add_argument("--exporter", choices=("otlp", "memory"), default="otlp")
     parser.add_argument("--profile", default=None, help="cProfile stats file (phiaudit worker)")
+    parser.add_argument(
+        "--previous", metavar="DIR", default=None,
+        help="also run phiaudit with phiaudit/instrumentation/ imported from DIR (e.g. the "
+             "files of an older commit), interleaved: before/after in the same run")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -275,18 +290,23 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = None
         if args.exporter == "otlp":
             receiver, endpoint = start_receiver(tmp / "data")
-        workers = {v: Worker(v, endpoint, tmp / v) for v in VARIANTS}
+        variants = VARIANTS + (("previous",) if args.previous else ())
+        workers = {v: Worker(v, endpoint, tmp / v,
+                             str(Path(args.previous).resolve()) if v == "previous" else None)
+                   for v in variants}
         for _ in range(args.warmup):
             for w in workers.values():
                 w.ask(f"run {args.rounds}")
-        per_request: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        threads: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
+        per_request: dict[str, list[float]] = {v: [] for v in variants}
+        threads: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         ratios: list[float] = []
+        previous_ratios: list[float] = []
         otel_vs_bare: list[float] = []
         unflushed = 0
         requests_per_block = 0
         for i in range(args.blocks):
-            order = VARIANTS[i % 3:] + VARIANTS[:i % 3]  # rotate: no variant always first
+            n = len(variants)
+            order = variants[i % n:] + variants[:i % n]  # rotate: no variant always first
             got = {}
             for v in order:
                 got[v] = workers[v].ask(f"run {args.rounds}")
@@ -297,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     threads[v].setdefault(name, []).append(sec / got[v]["requests"])
             ratios.append(per_request["phiaudit"][-1] / per_request["otel"][-1])
             otel_vs_bare.append(per_request["otel"][-1] / per_request["bare"][-1])
+            if args.previous:
+                previous_ratios.append(per_request["previous"][-1] / per_request["otel"][-1])
         stats = workers["phiaudit"].ask("stats")
         profile_top: list[str] = []
         if args.profile:
@@ -320,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     added = median_ratio - 1
     verdict = "PASS" if added <= TARGET_ADDED else "MISS"
     q1, q3 = _quartiles(ratios)
-    us = {v: statistics.median(per_request[v]) * 1e6 for v in VARIANTS}
+    us = {v: statistics.median(per_request[v]) * 1e6 for v in variants}
     us_threads = {v: {name: round(statistics.median(vals) * 1e6, 1)
-                      for name, vals in sorted(threads[v].items())} for v in VARIANTS}
+                      for name, vals in sorted(threads[v].items())} for v in variants}
     result = {
         "benchmark": "instrumentation",
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -345,16 +367,25 @@ def main(argv: list[str] | None = None) -> int:
         "phiaudit_spool_segments_left": stats["spool_segments"],
         "profile_top": profile_top,
     }
+    if previous_ratios:
+        p1, p3 = _quartiles(previous_ratios)
+        result["previous"] = args.previous
+        result["ratio_previous_over_otel"] = {"median": statistics.median(previous_ratios),
+                                              "q1": p1, "q3": p3}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"instrumentation CPU per request ({args.exporter} exporter, {args.blocks} blocks x "
           f"{requests_per_block} requests, interleaved)")
-    for v in VARIANTS:
+    for v in variants:
         split = ", ".join(f"{k} {t:.0f}" for k, t in us_threads[v].items())
         print(f"  {v:9s} {us[v]:8.1f} us/request (median)   by thread: {split}")
     print(f"  phiaudit/otel  median {median_ratio:.3f}  (IQR {q1:.3f}-{q3:.3f})  "
           f"added {added * 100:+.1f}%  target <= {TARGET_ADDED * 100:.0f}%  {verdict}")
+    if previous_ratios:
+        p1, p3 = _quartiles(previous_ratios)
+        print(f"  previous/otel  median {statistics.median(previous_ratios):.3f}  "
+              f"(IQR {p1:.3f}-{p3:.3f})  ({args.previous})")
     print(f"  otel/bare      median {statistics.median(otel_vs_bare):.3f}  (context)")
     print(f"  dropped {stats['dropped']}, spooled {stats['spooled']}, "
           f"unflushed blocks {unflushed}")

@@ -16,7 +16,8 @@ from ._care import OPEN_END_US, CareFileError, care_rows, care_rows_from_bytes
 from ._compile import Compiled, compile_rule
 from ._config import BUILTIN_RULE_IDS, RulesConfig, builtin_rules, load_rules
 from ._engine import RuleEngine, alert_id
-from ._model import Rule, load_rule_file, parse_rule
+from ._model import Rule
+from ._parse import load_rule_file, parse_rule
 from ._sinks import (
     AlertMessage,
     DeliveryFailed,

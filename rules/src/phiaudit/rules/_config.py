@@ -25,7 +25,8 @@ from typing import Any
 
 from phiaudit.storage import ConfigError
 
-from ._model import Rule, load_rule_file
+from ._model import Rule
+from ._parse import load_rule_file
 
 __all__ = ["BUILTIN_RULE_IDS", "RulesConfig", "builtin_rules", "load_rules"]
 

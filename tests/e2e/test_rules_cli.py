@@ -23,14 +23,19 @@ from tests.conftest import cli_env, run_cli, start_service, tracer_provider
 class _Webhook:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
+        self.fail = 0  # answer 503 this many times first
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.bodies.append((self.path, self.headers.get("Authorization"),
-                                    json.loads(body)))
-                self.send_response(200)
+                if hook.fail > 0:
+                    hook.fail -= 1
+                    self.send_response(503)
+                else:
+                    hook.bodies.append((self.path, self.headers.get("Authorization"),
+                                        json.loads(body)))
+                    self.send_response(200)
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -68,6 +73,7 @@ def test_alerts_raised_delivered_listed(tmp_path: Path, webhook: _Webhook) -> No
                    "headers": {"Authorization": "Bearer hook-secret"}}],
     }}))
     data = tmp_path / "data"
+    webhook.fail = 2  # Alertmanager down at first: the service retries with backoff
     svc = start_service(data, "--config", str(config))
     try:
         admin = svc.admin_token
@@ -101,6 +107,25 @@ def test_alerts_raised_delivered_listed(tmp_path: Path, webhook: _Webhook) -> No
         assert alert["annotations"]["trace_id"] in trace_ids
         assert alert["startsAt"] < alert["endsAt"]
         assert "10.9.8.7" not in json.dumps(webhook.alerts())  # no client address in clear
+
+        # every attempt is recorded: the two refused ones (whichever alerts they carried),
+        # then one delivery of this alert; the delivered row follows the webhook's answer
+        aid = alert["labels"]["alert_id"]
+        deadline = time.monotonic() + 30
+        while True:
+            attempts = svc.rows("SELECT toString(alert_id) AS id, attempt, outcome, error, "
+                                "time FROM alert_deliveries WHERE sink = 'webhook' "
+                                "ORDER BY time")
+            mine = [(int(r["attempt"]), r["outcome"], r["error"]) for r in attempts
+                    if r["id"] == aid]
+            if (mine and mine[-1][1] == "delivered") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        failed = [r for r in attempts if r["outcome"] == "failed"]
+        assert {r["error"] for r in failed} == {"http_503"}
+        assert len({r["time"] for r in failed}) == 2  # two refused POSTs, one row per alert
+        assert mine[-1] == (len(mine), "delivered", "")
+        assert all(m[1:] == ("failed", "http_503") for m in mine[:-1])
 
         # alerts list through the service
         res = _cli(data, "alerts", "list", "--format", "json", token=admin)

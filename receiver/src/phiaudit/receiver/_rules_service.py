@@ -45,6 +45,29 @@ def iso_us(us: int) -> str:
     return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class _YieldingStore:
+    """The store as the rule engine sees it: ingestion first. The store serializes queries
+    and inserts on one (unfair) lock, so back-to-back rule queries could keep the writer
+    waiting; before a query this waits (up to 2 s) while the writer has rows queued, and
+    after it leaves the lock free a moment for a waiting insert."""
+
+    def __init__(self, store: Any, writer: Any) -> None:
+        self._store = store
+        self._writer = writer
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + 2.0
+        while self._writer.queued_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            return self._store.query(*args, **kwargs)
+        finally:
+            time.sleep(0.002)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 class RuleScheduler:
     """The service's rule runs and alert deliveries. Start after the writer, shut down
     before it."""
@@ -64,7 +87,8 @@ class RuleScheduler:
             self._last_write.result(timeout=60)
 
         self.submit = submit
-        self.engine = RuleEngine(local.store, submit, local.encoder, self.rules,
+        self.store = _YieldingStore(local.store, writer)
+        self.engine = RuleEngine(self.store, submit, local.encoder, self.rules,
                                  self.rules_config)
         self.interval_s = float(self.rules_config.interval_s)
         self._lock = threading.Lock()
@@ -115,7 +139,7 @@ class RuleScheduler:
 
         if not self.sinks:
             return 0
-        return deliver_pending(self.local.store, self.submit, self.sinks)
+        return deliver_pending(self.store, self.submit, self.sinks)
 
     def run_once(self, now_us: int | None = None) -> tuple[list[Alert], int]:
         with self._lock:

@@ -3,6 +3,7 @@
     .venv/bin/python bench/rules.py                     # 10,000,000 events over 5 days
     .venv/bin/python bench/rules.py --events 1000000    # smaller, quicker
     .venv/bin/python bench/rules.py --keep /tmp/rules-store   # keep (and reuse) the store
+    .venv/bin/python bench/rules.py --keep /tmp/rules-store --time-index add   # proposal
 
 Builds an embedded store (migrations by the admin engine, encrypted disk) and fills it with
 ClickHouse itself, in a child process with the admin engine (``INSERT ... SELECT ... FROM
@@ -27,6 +28,11 @@ schedule set through ``RulesConfig``):
   ``SELECT actor_id, count() ... GROUP BY actor_id`` over the same minute;
 * (b) ``backfill`` of one whole day (all built-in rules); baseline: the same plain query over
   that day.
+
+On a reused store the alerts raised before are not raised again (the engine deduplicates):
+the alert count is that of the first run. ``--time-index add`` (or ``drop``) first adds a
+minmax skip index on the time columns of the source tables, a schema proposal: the tables are
+ordered by (writer_id, seq), so without it every time-window query reads the whole time column.
 
 Targets: (a) under 1 s, (b) under 60 s. The machine is shared and noisy: ratios to the
 baselines are printed too. Never asserts. JSON in ``bench/results/rules.json``.

@@ -110,3 +110,20 @@ def test_resent_events_are_stored_once_even_after_restart(store: Store,
     _, seqs = store.query("SELECT seq FROM audit_events WHERE writer_id = 'test-dedup' "
                           "ORDER BY seq")
     assert [s for (s,) in seqs] == list(range(1, 7))
+
+
+def test_unkeyed_submits_to_an_unchained_table_are_never_merged(store: Store) -> None:
+    """Each submit without a request key is its own insert: its deduplication token must not
+    repeat (it once came from id(), which Python reuses, and ClickHouse dropped the second of
+    two same-sized inserts)."""
+    from phiaudit.storage import RULE_RUN_COLUMNS
+
+    w = BatchWriter(store, "test-unkeyed", [TableSpec("rule_runs", RULE_RUN_COLUMNS, False)])
+    w.start()
+    t = 1_764_000_000_000_000
+    for _ in range(6):  # one after the other: each item is freed before the next is made
+        w.submit(None, {"rule_runs": [["unkeyed-probe", "scheduled", t, t, t, 0, 1, "h"]]}
+                 ).result(30)
+    w.shutdown()
+    _, rows = store.query("SELECT count() FROM rule_runs WHERE rule_id = 'unkeyed-probe'")
+    assert rows[0][0] == 6

@@ -75,10 +75,13 @@ class WriterStats:
 
 
 class _Item:
-    __slots__ = ("done", "future", "key", "nrows", "tables")
+    __slots__ = ("done", "future", "key", "nrows", "tables", "uid")
 
     def __init__(self, key: bytes | None, tables: dict[str, list[list[Any]]]) -> None:
         self.key = key
+        # an item without a request key is unique: never id(), which Python reuses, and two
+        # batches given the same deduplication token are one insert to ClickHouse
+        self.uid = key if key is not None else uuid.uuid4().bytes
         self.tables = tables
         self.done: set[str] = set()  # tables whose rows of this item are committed
         self.nrows = sum(len(r) for r in tables.values())
@@ -325,7 +328,7 @@ class BatchWriter:
         new_states: dict[str, tuple[int, bytes]] = {}
         keys_digest = hashlib.sha256()
         for item in batch:
-            keys_digest.update(item.key or str(id(item)).encode())
+            keys_digest.update(item.uid)
         for name, spec in self._specs.items():
             rows = [r for item in batch if name not in item.done
                     for r in item.tables.get(name, ())]

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' (
     INDEX idx_patient patient_bidx TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_actor actor_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
-    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_time event_time TYPE minmax GRANULARITY 1
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/audit_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.access_log_local ON CLUSTER 'phiaudit' (
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
     `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))'
+    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    INDEX idx_time time TYPE minmax GRANULARITY 1
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/access_log_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
@@ -208,7 +210,8 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events_local ON CLUSTER 'phiaudit' (
     `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
     `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
-    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_time event_time TYPE minmax GRANULARITY 1
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
@@ -256,7 +259,9 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.alerts_local ON CLUSTER 'phiaudit' (
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
     `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))'
+    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    INDEX idx_time time TYPE minmax GRANULARITY 1,
+    INDEX idx_alert alert_id TYPE bloom_filter(0.01) GRANULARITY 4
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/alerts_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
@@ -321,6 +326,10 @@ COMMENT 'alert delivery attempts: append-only';
 CREATE TABLE IF NOT EXISTS `phiaudit`.alert_deliveries ON CLUSTER 'phiaudit'
 AS `phiaudit`.alert_deliveries_local
 ENGINE = Distributed('phiaudit', 'phiaudit', 'alert_deliveries_local', cityHash64(alert_id));
+
+ALTER TABLE `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' ADD INDEX IF NOT EXISTS idx_time event_time TYPE minmax GRANULARITY 1;
+
+ALTER TABLE `phiaudit`.access_log_local ON CLUSTER 'phiaudit' ADD INDEX IF NOT EXISTS idx_time time TYPE minmax GRANULARITY 1;
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.schema_migrations_local ON CLUSTER 'phiaudit' (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)

@@ -157,7 +157,8 @@ HOLD_COLUMNS: list[Column] = [
 #: configured PHI catalog) are always kept whole; the others may be rolled up.
 INFRA_COLUMNS: list[Column] = [
     Column("event_id", "UUID", comment="deterministic: a re-sent record is stored once"),
-    Column("event_time", "DateTime64(6, 'UTC')", comment="when the infrastructure says it happened"),
+    Column("event_time", "DateTime64(6, 'UTC')",
+           comment="when the infrastructure says it happened"),
     Column("received_time", "DateTime64(6, 'UTC')"),
     Column("source_kind", "LowCardinality(String)",
            comment="pgaudit | cloudtrail | vpcflow | db_span | unknown"),
@@ -284,14 +285,16 @@ def migration_statements(db: str, storage_policy: str | None = None) -> list[str
     INDEX idx_patient patient_bidx TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_actor actor_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
-    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_time event_time TYPE minmax GRANULARITY 1
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
 {merge_settings}
 COMMENT 'PHI audit events: append-only, encrypted PHI, hash-chained per writer, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.access_log (
-{_cols(ACCESS_LOG_COLUMNS)}
+{_cols(ACCESS_LOG_COLUMNS)},
+    INDEX idx_time time TYPE minmax GRANULARITY 1
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
@@ -334,7 +337,8 @@ COMMENT 'legal holds: placing and releasing are both appended; no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.infra_events (
 {_cols(INFRA_COLUMNS)},
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
-    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4
+    INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_time event_time TYPE minmax GRANULARITY 1
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
@@ -348,7 +352,9 @@ ORDER BY (source_kind, minute, actor_id, object_name)
 {merge_settings}
 COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL'""",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.alerts (
-{_cols(ALERT_COLUMNS)}
+{_cols(ALERT_COLUMNS)},
+    INDEX idx_time time TYPE minmax GRANULARITY 1,
+    INDEX idx_alert alert_id TYPE bloom_filter(0.01) GRANULARITY 4
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
@@ -375,6 +381,12 @@ PARTITION BY toYYYYMM(time)
 ORDER BY (alert_id, sink, time)
 {merge_settings}
 COMMENT 'alert delivery attempts: append-only'""",
+        # schema 1 stores: the time skip indexes the rules need (rows arrive in time order,
+        # so a minmax index prunes nearly every granule outside a rule's window)
+        f"ALTER TABLE `{db}`.audit_events ADD INDEX IF NOT EXISTS idx_time event_time "
+        "TYPE minmax GRANULARITY 1",
+        f"ALTER TABLE `{db}`.access_log ADD INDEX IF NOT EXISTS idx_time time "
+        "TYPE minmax GRANULARITY 1",
         f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
 ) ENGINE = MergeTree ORDER BY version

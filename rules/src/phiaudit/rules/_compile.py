@@ -274,7 +274,7 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     if c.type == "absent":
         filtered = _absent_sql(rule, base, bind, lo_us, hi_us)
     elif c.type == "lookup":
-        filtered = _lookup_sql(rule, base, bind)
+        filtered = _lookup_sql(rule, base, p_lo, p_hi)
     thr = bind(int(_resolve(rule, c.threshold)), "Int64")
     if k_hi - k_lo < DIRECT_WINDOWS:
         # a scheduled run: one or two window ends; each event falls in at most that many
@@ -430,8 +430,10 @@ def _absent_sql(rule: Rule, base: _Base, bind: _Binder, lo_us: int, hi_us: int) 
             f"ON {on} WHERE {absent}")
 
 
-def _lookup_sql(rule: Rule, base: _Base, bind: _Binder) -> str:
-    """Events with no row of the reference table on the match keys whose period covers them."""
+def _lookup_sql(rule: Rule, base: _Base, p_lo: str, p_hi: str) -> str:
+    """Events with no row of the reference table on the match keys whose period covers them.
+    With a period, the reference rows are those whose period overlaps the events read (cheaper
+    than matching the events' keys: a care table is much smaller than a day of events)."""
     c = rule.correlation
     cols_ok: Mapping[str, str] = LOOKUP_TABLES[c.table]
     assert all(b in cols_ok for _a, b in c.match)
@@ -442,9 +444,13 @@ def _lookup_sql(rule: Rule, base: _Base, bind: _Binder) -> str:
     ref_keys = ", ".join(f"{b} AS r{i}" for i, (_a, b) in enumerate(c.match))
     in_keys = ", ".join(b for _a, b in c.match)
     periods = f"groupArray(({start}, {end}))" if start else "[]"
+    if start:
+        where = f"{start} < {_micro(p_hi)} AND {end} > {_micro(p_lo)}"
+    else:
+        where = (f"{_tuple(in_keys, len(c.match))} IN (SELECT {', '.join(keys)} "
+                 f"FROM ({ev}))")
     ref_sql = (f"SELECT {ref_keys}, {periods} AS periods, count() AS r_n FROM {c.table} "
-               f"WHERE {_tuple(in_keys, len(c.match))} IN (SELECT {', '.join(keys)} FROM ({ev})) "
-               f"GROUP BY {', '.join(f'r{i}' for i in range(len(c.match)))}")
+               f"WHERE {where} GROUP BY {', '.join(f'r{i}' for i in range(len(c.match)))}")
     on = " AND ".join(f"e.m{i} = r.r{i}" for i in range(len(c.match)))
     missing = ("NOT arrayExists(p -> p.1 <= e.t AND e.t < p.2, r.periods)" if start
                else "r.r_n = 0")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from phiaudit.storage import Alert, PermanentError, PhiAuditError, RecordEncoder
+from phiaudit.storage import Alert, PermanentError, RecordEncoder
 
 from ._compile import MAX_ROWS, Compiled, compile_rule, effective_grid, rule_hash
 from ._config import RulesConfig
@@ -138,7 +138,7 @@ class RuleEngine:
                 self.store.query("WITH x AS MATERIALIZED (SELECT 1 AS a) SELECT a FROM x "
                                  "SETTINGS enable_materialized_cte = 1")
                 self._materialize = True
-            except PhiAuditError:
+            except PermanentError:  # an older server: read the events once per use
                 self._materialize = False
         return compile_rule(rule, window_from_us, window_to_us, self.config.step_s,
                             materialize=self._materialize)

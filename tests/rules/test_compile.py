@@ -11,15 +11,29 @@ import pytest
 
 from phiaudit.rules import Compiled, compile_rule, parse_rule
 from phiaudit.storage import ConfigError
-from tests.rules.test_engine import DAY, EPOCH, HOUR, MIN, Env, S, audit, infra, shared_env, uid
+from tests.rules.test_engine import (
+    DAY,
+    EPOCH,
+    HOUR,
+    MIN,
+    Env,
+    S,
+    audit,
+    close_env,
+    infra,
+    open_env,
+    uid,
+)
 
 # this module's weeks start far after test_engine's
 _weeks = iter(range(5000, 10_000))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    yield shared_env(tmp_path_factory.getbasetemp())
+    e = open_env(tmp_path_factory.getbasetemp())
+    yield e
+    close_env(e)
 
 
 @pytest.fixture

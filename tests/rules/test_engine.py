@@ -86,36 +86,38 @@ class Env:
                           RulesConfig.from_mapping(config))
 
 
-_ENV: Env | None = None
+def open_env(root: Path) -> Env:
+    """A store of its own for one test module. chDB opens one data directory per process at
+    a time, so every module that opens a store in this process closes it at its end (see
+    ``env``): pytest runs modules one after the other."""
+    data = root / f"rules-store-{uuid.uuid4().hex[:8]}"
+    loc = StoreLocation(data_dir=data)
+    migrate(loc)
+    store = Store.open(loc)
+    ring = KeyRing.open(data)
+    writer = BatchWriter(store, "rules-tests", [
+        TableSpec("audit_events", AUDIT_COLUMNS, True, "event_id"),
+        TableSpec("infra_events", INFRA_COLUMNS, True, "event_id"),
+        TableSpec("access_log", ACCESS_LOG_COLUMNS, True),
+        TableSpec("alerts", ALERT_COLUMNS, True, "alert_id"),
+        TableSpec("care_relationships", CARE_COLUMNS, False),
+        TableSpec("rule_runs", RULE_RUN_COLUMNS, False),
+    ], max_wait=0.01)
+    writer.start()
+    return Env(store, writer, RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
+               BlindIndex(ring))
 
 
-def shared_env(root: Path) -> Env:
-    """The process's one store (chDB opens one data directory per process)."""
-    global _ENV
-    if _ENV is None:
-        data = root / "rules-store"
-        loc = StoreLocation(data_dir=data)
-        migrate(loc)
-        store = Store.open(loc)
-        ring = KeyRing.open(data)
-        writer = BatchWriter(store, "rules-tests", [
-            TableSpec("audit_events", AUDIT_COLUMNS, True, "event_id"),
-            TableSpec("infra_events", INFRA_COLUMNS, True, "event_id"),
-            TableSpec("access_log", ACCESS_LOG_COLUMNS, True),
-            TableSpec("alerts", ALERT_COLUMNS, True, "alert_id"),
-            TableSpec("care_relationships", CARE_COLUMNS, False),
-            TableSpec("rule_runs", RULE_RUN_COLUMNS, False),
-        ], max_wait=0.01)
-        writer.start()
-        _ENV = Env(store, writer, RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
-                   BlindIndex(ring))
-    return _ENV
+def close_env(env: Env) -> None:
+    env.writer.shutdown()
+    env.store.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    e = shared_env(tmp_path_factory.getbasetemp())
+    e = open_env(tmp_path_factory.getbasetemp())
     yield e
+    close_env(e)
 
 
 _weeks = iter(range(1, 10_000))

@@ -1,6 +1,6 @@
-"""A session-wide embedded store in the test process (one chDB engine per process), opened
-exactly as the service opens it: migrations by the admin engine in a child process, then the
-restricted engine here."""
+"""An embedded store per test module in the test process, opened exactly as the service opens
+it: migrations by the admin engine in a child process, then the restricted engine here. chDB
+opens one data directory per process at a time: every module closes its store at its end."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from phiaudit.storage import (
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("store") / "data"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def store(data_dir: Path) -> Iterator[Store]:
     loc = StoreLocation(data_dir=data_dir)
     migrate(loc)
@@ -34,7 +34,7 @@ def store(data_dir: Path) -> Iterator[Store]:
     s.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def encoder(data_dir: Path) -> RecordEncoder:
     ring = KeyRing.open(data_dir)
     return RecordEncoder(FieldCipher(ring), BlindIndex(ring))

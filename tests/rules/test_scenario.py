@@ -229,13 +229,15 @@ def _table(title: str, scores: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def test_every_builtin_rule_catches_its_cases_and_nothing_else(loaded: Loaded) -> None:
+def test_every_builtin_rule_catches_its_cases_and_nothing_else(
+        loaded: Loaded, capsys: pytest.CaptureFixture[str]) -> None:
     sc = loaded.anomalous
     alerts = _backfill(loaded, sc)
     scores = score(sc, alerts)
-    print("\n" + _table(f"scenario seed {CONFIG.seed}: {len(sc.audit)} audit events, "
-                        f"{len(sc.infra)} infra events, {len(sc.access)} trail reads, "
-                        f"{len(sc.encounters)} encounters", scores))
+    with capsys.disabled():  # the table belongs in every run's output, CI's included
+        print("\n" + _table(f"scenario seed {CONFIG.seed}: {len(sc.audit)} audit events, "
+                            f"{len(sc.infra)} infra events, {len(sc.access)} trail reads, "
+                            f"{len(sc.encounters)} encounters", scores))
     problems = {r: {"fp": s["fp"], "missed": s["missed"]} for r, s in scores.items()
                 if s["recall"] < 1.0 or s["precision"] < 1.0}
     assert not problems
@@ -253,11 +255,13 @@ def test_every_builtin_rule_catches_its_cases_and_nothing_else(loaded: Loaded) -
     assert rows[0][0] == len(alerts)
 
 
-def test_clean_hospital_raises_no_alert(loaded: Loaded) -> None:
+def test_clean_hospital_raises_no_alert(loaded: Loaded,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     sc = loaded.clean
     alerts = _backfill(loaded, sc)
-    print("\n" + _table(f"clean scenario seed {CLEAN.seed}: {len(sc.audit)} audit events",
-                        score(sc, alerts)))
+    with capsys.disabled():
+        print("\n" + _table(f"clean scenario seed {CLEAN.seed}: {len(sc.audit)} audit events",
+                            score(sc, alerts)))
     assert Counter(a.rule_id for a in alerts) == Counter()
     assert {a.rule_id for a in alerts} <= set(BUILTIN_RULES)
 

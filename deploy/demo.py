@@ -104,6 +104,39 @@ def _traffic(address: str, rounds: int) -> Any:
     return summary
 
 
+def _phiaudit(data_dir: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phiaudit.receiver", *args, "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=_env(PHIAUDIT_TOKEN=token), check=False)
+
+
+def _rules(data_dir: Path, token: str) -> None:
+    """The clinicians' care relationships, then the built-in rules over the demo's traffic."""
+    # (grouped by the blind index: each ciphertext of the same patient id differs)
+    care = _sql(data_dir, "SELECT actor_id, any(patient_id) AS patient_id FROM audit_events "
+                "WHERE action IN ('read', 'search', 'update') AND outcome = 'success' "
+                "AND patient_bidx != '' GROUP BY actor_id, patient_bidx "
+                "ORDER BY actor_id, patient_bidx", "--decrypt")
+    # every patient the clinicians saw is theirs, but one: that access has no care relationship
+    care_file = data_dir.parent / "care.csv"
+    lines = ["actor_id,patient_id,start,end"]
+    lines += [f"{r['actor_id']},{r['patient_id']},2000-01-01," for r in care[1:]]
+    care_file.write_text("\n".join(lines) + "\n")
+    loaded = _phiaudit(data_dir, token, "care", "load", str(care_file), "--format", "csv")
+    care_file.unlink()
+    print("\n== care relationships: phiaudit care load (patients stored as blind indexes)")
+    print("   " + (loaded.stdout.strip() or loaded.stderr.strip()))
+    now = time.time()
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 3600))
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 600))
+    ran = _phiaudit(data_dir, token, "rules", "run", "--backfill", since, until)
+    print("\n== phiaudit rules run --backfill (the built-in rules over the last hour)")
+    print("   " + (ran.stdout.strip() or ran.stderr.strip()).replace("\n", "\n   "))
+    listed = _phiaudit(data_dir, token, "alerts", "list")
+    print("\n== phiaudit alerts list")
+    print("   " + (listed.stdout.strip() or listed.stderr.strip()).replace("\n", "\n   "))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="phiaudit demo")
     parser.add_argument("--data-dir", help="keep the store here (default: a temporary dir)")
@@ -150,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir, "SELECT principal, role, interface, decrypt, rows_returned, outcome "
         "FROM access_log ORDER BY seq"))
     token = (data_dir / "credentials" / "admin.token").read_text().strip()
+    _rules(data_dir, token)
     checked = subprocess.run(
         [sys.executable, "-m", "phiaudit.receiver", "verify", "--data-dir", str(data_dir)],
         capture_output=True, text=True, env=_env(PHIAUDIT_TOKEN=token), check=False)

@@ -259,7 +259,8 @@ def cmd_prove(args: argparse.Namespace, data_dir: str) -> int:
         for table, (columns, _) in CHAINED_TABLES.items():
             _, rows = store.query(
                 f"SELECT writer_id, seq, prev_hash, hash, {leaf_sql(columns)} FROM {table} "
-                "WHERE event_id = {e:UUID} ORDER BY seq LIMIT 2", {"e": event_id}, binary=True)
+                f"WHERE `{columns[0].name}` = {{e:UUID}} ORDER BY seq LIMIT 2",  # its row id
+                {"e": event_id}, binary=True)
             if rows:
                 if len(rows) > 1:
                     raise PhiAuditError("the event id appears twice: run phiaudit verify")

@@ -545,3 +545,16 @@ def test_sampling_is_deterministic_by_event_id() -> None:
     assert 800 < first.sampled < 1200 and first.sampled == len(first.whole)
     assert sum(r[7] for r in first.rollups) == first.sampled
     assert roll_up(evs, InfraConfig.from_mapping({"sample_rate": 1})).sampled == 4000
+
+
+def test_span_names_in_otel_traces_lose_ids_and_query_strings() -> None:
+    from phiaudit.receiver._extract import scrub_span_name
+
+    kept = ["GET /health", "GET /Patient/{id}", "SELECT ehr", "GET /api/v2/patients", "child"]
+    assert [scrub_span_name(n) for n in kept] == kept
+    assert scrub_span_name("GET /Patient/p-12345/_history?name=Doe") == \
+        "GET /Patient/{id}/_history"
+    assert scrub_span_name("GET /fhir/Observation/0f8fad5b-d9cb-469f-a165-70867728950e") == \
+        "GET /fhir/Observation/{id}"
+    assert scrub_span_name("GET /api/patients/123") == "GET /api/patients/{id}"
+    assert scrub_span_name("GET /search?ssn=123-45-6789") == "GET /search"

@@ -21,8 +21,10 @@ whether it is an audit span at all.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -126,6 +128,24 @@ def _text(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"), default=str)
 
 
+#: a path segment that carries an identifier: it has a digit and is either all digits or at
+#: least 4 characters long (so that `v2` or `s3` stay, and `12345`, `p-001`, a UUID go)
+_ID_SEGMENT = re.compile(r"(?<=/)(?=[^/?#\s]*\d)(?:\d+|[^/?#\s]{4,})(?=$|[/?#\s])")
+
+
+@functools.lru_cache(maxsize=4096)
+def scrub_span_name(name: str) -> str:
+    """The span name as stored in ``otel_traces`` (in clear): without a query string and with
+    identifier-like path segments replaced by ``{id}``. Instrumentations name spans after route
+    templates (``GET /Patient/{id}``), but a hand-made span named after a raw path
+    (``GET /Patient/p-123?name=...``) would otherwise put PHI in clear. Audit spans keep their
+    real name, encrypted, in ``extra``."""
+    if "/" not in name and "?" not in name:
+        return name
+    name = name.split("?", 1)[0].split("#", 1)[0]
+    return _ID_SEGMENT.sub("{id}", name)
+
+
 def _is_true(v: Any) -> bool:
     return v is True or (isinstance(v, str) and v.lower() == "true")
 
@@ -222,7 +242,8 @@ class Extractor:
         return [
             min(start, _MAX_NS), _hex(span.trace_id), _hex(span.span_id),
             _hex(span.parent_span_id),
-            span.trace_state, span.name, _KINDS[kind], service, res_map, scope.name,
+            span.trace_state, scrub_span_name(span.name), _KINDS[kind], service, res_map,
+            scope.name,
             scope.version, attrs, max(0, end - start), _STATUS[code], span.status.message,
             [min(e.time_unix_nano, _MAX_NS) for e in events], [e.name for e in events],
             [self._clean_map(_attrs(e.attributes)) for e in events],

@@ -231,7 +231,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' 
     `outcome` LowCardinality(String),
     `records` UInt64 COMMENT 'records of this minute and key; sum() over rows',
     `kept` UInt64 COMMENT 'of them, sampled and kept whole in infra_events',
-    `raw_bytes` UInt64 COMMENT 'size of the records rolled up'
+    `raw_bytes` UInt64 COMMENT 'size of the log records rolled up (database spans count 0)'
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_rollups_local', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (source_kind, minute, actor_id, object_name)

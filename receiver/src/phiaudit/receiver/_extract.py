@@ -260,7 +260,7 @@ class Extractor:
             attrs, name=span.name, kind=_KINDS[kind], status_code=span.status.code,
             start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
             trace_id=_hex(span.trace_id), span_id=_hex(span.span_id), service=service,
-            sender=sender, now_us=now_us, catalog=self.infra.catalog)
+            sender=sender, now_us=now_us, config=self.infra)
         out.stats.absurd_timestamps += absurd
         out.stats.infra_records_db_span += 1
         out.infra.append(ev)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import hashlib
 import io
 import ipaddress
@@ -338,8 +339,24 @@ def _strip_sql(text: str) -> str:
 
 def sql_tables(statement: str) -> list[str]:
     """The table names a statement refers to (FROM/JOIN/INTO/UPDATE/...), in order, once."""
-    out: list[str] = []
+    return list(_sql_shape(statement)[0])
+
+
+def sql_verb(statement: str) -> str:
+    """The statement's verb (SELECT, INSERT, ...); for WITH, the first DML verb after it."""
+    return _sql_shape(statement)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _sql_shape(statement: str) -> tuple[tuple[str, ...], str]:
+    """(tables, verb) of a statement, parsed once: applications send the same parameterised
+    statements over and over, and database spans are on the receiver's per-span path."""
     text = _strip_sql(statement)
+    return _tables_of(text), _verb_of(text.strip())
+
+
+def _tables_of(text: str) -> tuple[str, ...]:
+    out: list[str] = []
     ctes = {c.strip('"').lower() for c in _CTE.findall(text)}
     for m in _TABLE_REF.finditer(text):
         name = re.sub(r"\s+", "", m.group(1))
@@ -348,12 +365,10 @@ def sql_tables(statement: str) -> list[str]:
         name = ".".join(p.strip('"') for p in name.split("."))
         if name not in out:
             out.append(name)
-    return out
+    return tuple(out)
 
 
-def sql_verb(statement: str) -> str:
-    """The statement's verb (SELECT, INSERT, ...); for WITH, the first DML verb after it."""
-    text = _strip_sql(statement).strip()
+def _verb_of(text: str) -> str:
     m = re.match(r"[A-Za-z]+", text)
     if m is None:
         return ""
@@ -748,8 +763,12 @@ def parse_record(kind: str, body: Any, ctx: RecordContext, catalog: PhiCatalog) 
 
 def db_span_event(attrs: dict[str, Any], *, name: str, kind: str, status_code: int,
                   start_ns: int, end_ns: int, trace_id: str, span_id: str, service: str,
-                  sender: str, now_us: int, catalog: PhiCatalog) -> tuple[InfraEvent, bool]:
-    """The infra event of a database client span; and whether its time was absurd."""
+                  sender: str, now_us: int, config: InfraConfig) -> tuple[InfraEvent, bool]:
+    """The infra event of a database client span; and whether its time was absurd.
+
+    Its raw record (the span as JSON) is built only when the event will be kept whole: a
+    span that touches no PHI is usually rolled up, and this runs for every database span."""
+    catalog = config.catalog
     def s(*keys: str) -> str:
         for k in keys:
             v = attrs.get(k)
@@ -773,11 +792,12 @@ def db_span_event(attrs: dict[str, Any], *, name: str, kind: str, status_code: i
     rows_text = s("db.response.returned_rows")
     rows = min(int(rows_text), _MAX_U64) if rows_text.isdigit() else 0
     t, absurd = pick_time([start_ns // 1000], now_us)
-    raw = _dumps({"span.name": name, "span.kind": kind, "status": status_code,
-                  "start_time_unix_nano": start_ns, "end_time_unix_nano": end_ns,
-                  "service.name": service, "attributes": attrs})
     eid = uuid.UUID(bytes=hashlib.sha256(
         b"db_span|" + trace_id.encode() + b"|" + span_id.encode()).digest()[:16])
+    whole = bool(entry) or not config.rollup or config.sampled(eid)
+    raw = _dumps({"span.name": name, "span.kind": kind, "status": status_code,
+                  "start_time_unix_nano": start_ns, "end_time_unix_nano": end_ns,
+                  "service.name": service, "attributes": attrs}) if whole else ""
     ev = InfraEvent(
         eid, t, now_us, "db_span", source=service, actor_id=s("db.user") or service,
         operation=operation, object_type=obj_type, object=obj, phi_touch=bool(entry),

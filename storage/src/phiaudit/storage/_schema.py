@@ -193,7 +193,8 @@ ROLLUP_COLUMNS: list[Column] = [
     Column("outcome", "LowCardinality(String)"),
     Column("records", "UInt64", comment="records of this minute and key; sum() over rows"),
     Column("kept", "UInt64", comment="of them, sampled and kept whole in infra_events"),
-    Column("raw_bytes", "UInt64", comment="size of the records rolled up"),
+    Column("raw_bytes", "UInt64",
+           comment="size of the log records rolled up (database spans count 0)"),
 ]
 
 #: alerts: raised by rules; deterministic ids (rule, group, window) deduplicate them.

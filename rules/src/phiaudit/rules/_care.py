@@ -109,27 +109,19 @@ def _fhir(resource: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(actor, patient, start, end, relationship) of one resource; raises ValueError(what)."""
     rtype = resource.get("resourceType")
     out: list[tuple[str, str, str, str, str]] = []
-    if rtype == "Encounter":
+    #: the participants' reference fields (R4 Encounter: individual, R5: actor; CareTeam: member)
+    members = {"Encounter": ("individual", "actor"), "CareTeam": ("member",)}.get(str(rtype))
+    if members is not None:
         patient = _reference_id(resource.get("subject"), "Patient")
         s0, e0 = _period(resource.get("period"))
         for part in resource.get("participant") or []:
             if not isinstance(part, dict):
                 continue
-            actor = _reference_id(part.get("individual") or part.get("actor"), "Practitioner")
+            ref = next((part[k] for k in members if part.get(k)), None)
+            actor = _reference_id(ref, "Practitioner")
             s, e = _period(part.get("period"))
             if actor:
-                out.append((actor, patient, s or s0, e or e0, "encounter"))
-        what = "subject"
-    elif rtype == "CareTeam":
-        patient = _reference_id(resource.get("subject"), "Patient")
-        s0, e0 = _period(resource.get("period"))
-        for part in resource.get("participant") or []:
-            if not isinstance(part, dict):
-                continue
-            actor = _reference_id(part.get("member"), "Practitioner")
-            s, e = _period(part.get("period"))
-            if actor:
-                out.append((actor, patient, s or s0, e or e0, "careteam"))
+                out.append((actor, patient, s or s0, e or e0, str(rtype).lower()))
         what = "subject"
     elif rtype == "EpisodeOfCare":
         patient = _reference_id(resource.get("patient"), "Patient")

@@ -13,13 +13,15 @@ mutual TLS the command line presents ``--client-cert-file``/``--client-key-file`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from phiaudit.storage import ConfigError
+from phiaudit.storage import AccessDenied, ConfigError, PermanentError, PhiAuditError
 
-__all__ = ["TLS_FLAGS", "add_tls_arguments", "apply_tls_arguments", "open_channel"]
+__all__ = ["TLS_FLAGS", "add_tls_arguments", "apply_tls_arguments", "call_service",
+           "open_channel"]
 
 #: command-line flag (argparse dest) -> environment variable
 TLS_FLAGS = {
@@ -89,3 +91,30 @@ def open_channel(info: dict[str, Any], options: list[tuple[str, Any]] | None = N
         # the name the certificate is checked against; verification itself stays on
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(target, creds, options=options)
+
+
+def call_service(info: dict[str, Any], token: str, method: str, request: dict[str, Any], *,
+                 timeout: float = 300) -> Any:
+    """One JSON call to the service's own methods (``/phiaudit.v1...``) with the caller's
+    credential. Refused: ``AccessDenied``; a bad request: ``PermanentError``; anything else:
+    ``PhiAuditError`` with the status name."""
+    import grpc
+
+    channel = open_channel(info, options=[("grpc.max_receive_message_length", 256 << 20),
+                                          ("grpc.max_send_message_length", 256 << 20)])
+    try:
+        raw = channel.unary_unary(method)(json.dumps(request).encode(), timeout=timeout,
+                                          metadata=(("authorization", f"Bearer {token}"),))
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            raise AccessDenied(exc.details()) from None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise PermanentError(exc.details()) from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise PhiAuditError("the running service is older than this command: "
+                                "restart it") from None
+        raise PhiAuditError(f"service: {code.name.lower()}: {exc.details()}") from None
+    finally:
+        channel.close()
+    return json.loads(raw)

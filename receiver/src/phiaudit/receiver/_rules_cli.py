@@ -61,7 +61,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from phiaudit.storage import AccessDenied, ConfigError, PermanentError, PhiAuditError
+from phiaudit.storage import ConfigError, PermanentError
+
+from ._client import call_service
 
 __all__ = ["add_parsers", "run_command"]
 
@@ -183,32 +185,6 @@ def _print_alerts(result: dict[str, Any], fmt: str) -> None:
 
 # -- through the service, or directly ------------------------------------------------------
 
-def _call_service(info: dict[str, Any], token: str, method: str,
-                  request: dict[str, Any]) -> Any:
-    import grpc
-
-    from ._client import open_channel
-
-    channel = open_channel(info, options=[("grpc.max_receive_message_length", 256 << 20),
-                                          ("grpc.max_send_message_length", 256 << 20)])
-    try:
-        raw = channel.unary_unary(method)(json.dumps(request).encode(), timeout=3600,
-                                          metadata=(("authorization", f"Bearer {token}"),))
-    except grpc.RpcError as exc:
-        code = exc.code()
-        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            raise AccessDenied(exc.details()) from None
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise PermanentError(exc.details()) from None
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            raise PhiAuditError("the running service is older than this command: "
-                                "restart it") from None
-        raise PhiAuditError(f"service: {code.name.lower()}: {exc.details()}") from None
-    finally:
-        channel.close()
-    return json.loads(raw)
-
-
 def _load_yaml_config(path: str | None, data_dir: str, clickhouse: str) -> Any:
     from ._config import ServiceConfig, load_config
 
@@ -254,12 +230,12 @@ def run_command(args: argparse.Namespace, data_dir: str, token: str,
               file=sys.stderr)
     cmd = args.command + " " + getattr(args, f"{args.command}_command")
     if cmd == "rules list":
-        result = (_call_service(service, token, "/phiaudit.v1.Rules/List", {})
+        result = (call_service(service, token, "/phiaudit.v1.Rules/List", {})
                   if service else _direct(args, data_dir, lambda o: o.list_rules(token)))
         _print_rows(result["columns"], result["rows"], args.format)
     elif cmd == "rules explain":
         if service:
-            sql = _call_service(service, token, "/phiaudit.v1.Rules/Explain",
+            sql = call_service(service, token, "/phiaudit.v1.Rules/Explain",
                                 {"rule": args.rule})["sql"]
         else:
             sql = _direct(args, data_dir, lambda o: o.explain(token, args.rule))
@@ -271,8 +247,8 @@ def run_command(args: argparse.Namespace, data_dir: str, token: str,
                       _time_us(args.backfill[1], "--backfill TO"))
             if window[1] <= window[0]:
                 raise ConfigError("--backfill: TO must be after FROM")
-        result = (_call_service(service, token, "/phiaudit.v1.Rules/Run",
-                                {"backfill": list(window) if window else None})
+        result = (call_service(service, token, "/phiaudit.v1.Rules/Run",
+                                {"backfill": list(window) if window else None}, timeout=3600)
                   if service else _direct(args, data_dir, lambda o: o.run(token, window)))
         if args.format == "json":
             print(json.dumps(result))
@@ -286,7 +262,7 @@ def run_command(args: argparse.Namespace, data_dir: str, token: str,
             raise ConfigError("--limit: a positive integer")
         req = {"since_us": _since_us(args.since), "rule": args.rule or "",
                "limit": args.limit}
-        result = (_call_service(service, token, "/phiaudit.v1.Alerts/List", req)
+        result = (call_service(service, token, "/phiaudit.v1.Alerts/List", req)
                   if service else _direct(args, data_dir, lambda o: o.alerts(
                       token, since_us=req["since_us"], rule=req["rule"], limit=args.limit)))
         _print_alerts(result, args.format)
@@ -299,7 +275,7 @@ def run_command(args: argparse.Namespace, data_dir: str, token: str,
         except OSError as exc:
             raise ConfigError(f"{path.name}: cannot read ({exc.strerror})") from None
         if service:
-            result = _call_service(service, token, "/phiaudit.v1.Care/Load", {
+            result = call_service(service, token, "/phiaudit.v1.Care/Load", {
                 "format": fmt, "data": base64.b64encode(data).decode()})
         else:
             result = _direct(args, data_dir, lambda o: o.care_load(token, data, fmt))

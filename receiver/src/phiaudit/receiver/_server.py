@@ -12,6 +12,7 @@ is never used: it would tell the client to drop data.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -62,6 +63,14 @@ def _retry_metadata(message: str, delay_ms: int) -> tuple[tuple[str, bytes], ...
         ("google.rpc.retryinfo-bin", info.SerializeToString()),
         ("grpc-status-details-bin", status.SerializeToString()),
     )
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str:
+    """The caller's credential of the query methods (``authorization: Bearer TOKEN``)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[7:]
+    return ""
 
 
 class _Otlp:
@@ -159,10 +168,7 @@ class _Query:
         self.svc = service
 
     async def sql(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[7:]
+        token = _bearer(context)
         try:
             req = json.loads(raw or b"{}")
             sql = str(req["sql"])
@@ -204,10 +210,7 @@ class _Rules:
 
         from ._rules_service import RulesOps
 
-        token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[7:]
+        token = _bearer(context)
         try:
             req = json.loads(raw or b"{}")
             if not isinstance(req, dict):
@@ -232,8 +235,6 @@ class _Rules:
                 return ops.alerts(token, since_us=int(req.get("since_us", 0)),
                                   rule=str(req.get("rule", "")),
                                   limit=int(req.get("limit", 1000)))
-            import base64
-
             return ops.care_load(token, base64.b64decode(str(req.get("data", ""))),
                                  str(req.get("format", "csv")))
 

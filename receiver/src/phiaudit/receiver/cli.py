@@ -91,27 +91,15 @@ def _running_service(data_dir: str) -> dict[str, Any] | None:
 
 
 def _query_service(info: dict[str, Any], token: str, sql: str, decrypt: bool) -> dict[str, Any]:
-    import grpc
+    from phiaudit.storage import PermanentError
 
-    from phiaudit.storage import AccessDenied, PhiAuditError
+    from ._client import call_service
 
-    from ._client import open_channel
-
-    channel = open_channel(info, options=[("grpc.max_receive_message_length", 256 << 20)])
-    call = channel.unary_unary("/phiaudit.v1.Query/Sql")
     try:
-        raw = call(json.dumps({"sql": sql, "decrypt": decrypt}).encode(), timeout=300,
-                   metadata=(("authorization", f"Bearer {token}"),))
-    except grpc.RpcError as exc:
-        code = exc.code()
-        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            raise AccessDenied(exc.details()) from None
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise _Usage(exc.details()) from None
-        raise PhiAuditError(f"service: {code.name.lower()}: {exc.details()}") from None
-    finally:
-        channel.close()
-    result: dict[str, Any] = json.loads(raw)
+        result: dict[str, Any] = call_service(info, token, "/phiaudit.v1.Query/Sql",
+                                              {"sql": sql, "decrypt": decrypt})
+    except PermanentError as exc:  # the statement itself was refused: bad usage
+        raise _Usage(str(exc)) from None
     return result
 
 

@@ -7,14 +7,14 @@ without the GIL, which the receiver's event loop needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from ._schema import Column
 
-__all__ = ["arrow_table"]
+__all__ = ["arrow_schema", "arrow_table"]
 
 
 def _uuid_bytes(v: Any) -> bytes:
@@ -59,20 +59,45 @@ class _TablePlan:
     def __init__(self, columns: Sequence[Column]) -> None:
         self.names = [c.name for c in columns]
         self.plans = [_plan(c.type) for c in columns]
+        self.schema = pa.schema([pa.field(n, typ) for n, (typ, _) in zip(
+            self.names, self.plans, strict=True)])
 
 
 _plans: dict[tuple[str, ...], _TablePlan] = {}
 
 
-def arrow_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]]) -> pa.Table:
+def _table_plan(columns: Sequence[Column]) -> _TablePlan:
     key = tuple(f"{c.name}:{c.type}" for c in columns)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _TablePlan(columns)
+    return plan
+
+
+def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
+    """The schema of ``arrow_table(columns, rows)``: the columns' names, in order, with the
+    Arrow type of each ClickHouse type (nullable fields, no metadata). Cached per column list."""
+    return _table_plan(columns).schema
+
+
+def arrow_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]], *,
+                given: Mapping[str, Any] | None = None) -> pa.Table:
+    """The rows (in ``columns`` order) as one Arrow table of schema ``arrow_schema(columns)``.
+
+    ``given`` maps column names to ready Arrow arrays (one value per row) that are used
+    instead of the rows' values of those columns (which are then not read).
+    """
+    plan = _table_plan(columns)
+    if not rows:
+        return plan.schema.empty_table()
     arrays = []
-    for (typ, conv), column in zip(plan.plans, zip(*rows, strict=True), strict=True):
+    for name, (typ, conv), column in zip(plan.names, plan.plans, zip(*rows, strict=True),
+                                         strict=True):
+        if given is not None and name in given:
+            arrays.append(given[name])
+            continue
         col: Any = column
         if conv is not None:
             col = conv(col)
         arrays.append(pa.array(col, typ))
-    return pa.Table.from_arrays(arrays, names=plan.names)
+    return pa.Table.from_arrays(arrays, schema=plan.schema)

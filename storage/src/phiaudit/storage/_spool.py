@@ -90,9 +90,12 @@ class BatchSpool:
                           int(meta.get(b"last_seq", b"0")), bytes.fromhex(
                               meta.get(b"head", b"").decode()), path.stat().st_size)
 
-    def append(self, table: str, columns: Sequence[Column], rows: Sequence[Sequence[Any]],
-               token: str, last_seq: int = 0, head: bytes = b"") -> None:
-        data = arrow_table(columns, rows)
+    def append(self, table: str, columns: Sequence[Column],
+               rows: Sequence[Sequence[Any]] | pa.Table, token: str, last_seq: int = 0,
+               head: bytes = b"") -> None:
+        """Write one block durably: ``rows`` is an Arrow table (of ``arrow_schema(columns)``)
+        or a list of rows in ``columns`` order."""
+        data = rows if isinstance(rows, pa.Table) else arrow_table(columns, rows)
         meta = {b"table": table.encode(), b"token": token.encode(),
                 b"last_seq": str(last_seq).encode(), b"head": head.hex().encode()}
         data = data.replace_schema_metadata(meta)

@@ -338,3 +338,37 @@ def test_spool_drains_while_running(store: Store, encoder: RecordEncoder,
     assert w.spool_bytes == 0
     assert _stored(store, writer) == _expected(writer, a + b)
     _verified(store, writer, 8)
+
+
+def _chdb_shaped(table: pa.Table) -> pa.Table:
+    """The table as chDB's Arrow output types it: UUID as the arrow.uuid extension, String as
+    utf8 (not validated: ciphertexts are not UTF-8), fields not null, field metadata."""
+    arrays, fields = [], []
+    for f, col in zip(table.schema, table.columns, strict=True):
+        arr = col.combine_chunks()
+        if f.type == pa.binary(16):
+            arr = pa.ExtensionArray.from_storage(pa.uuid(), arr)
+        elif f.type == pa.binary():
+            arr = arr.view(pa.string())
+        elif pa.types.is_list(f.type):
+            arr = pa.ListArray.from_arrays(arr.offsets, arr.values.view(pa.string()),
+                                           type=pa.list_(pa.field("item", pa.string(), False)))
+        arrays.append(arr)
+        fields.append(pa.field(f.name, arr.type, nullable=False,
+                               metadata={b"PARQUET:logical_type": b"x"}))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={b"k": b"v"}))
+
+
+def test_chdb_shaped_arrow_is_cast_to_the_schema(store: Store, encoder: RecordEncoder) -> None:
+    writer = "arrow-chdb-shaped"
+    rows = _rows(encoder, 6, "shaped")
+    shaped = _chdb_shaped(_arrow(rows[:4]))
+    assert shaped.schema.field("event_id").type == pa.uuid()
+    w = BatchWriter(store, writer, [SPEC])
+    # the same ids again as rows: the UUID bytes of both kinds are one key
+    assert _run_one_batch(w, [(b"c1", {"audit_events": shaped}),
+                              (b"c2", {"audit_events": [list(r) for r in rows[2:]]})]) == [None] * 2
+    assert w.stats.duplicate_rows == 2
+    assert _ids(store, writer) == [r[0] for r in rows]
+    assert _stored(store, writer) == _expected(writer, rows)
+    _verified(store, writer, 6)

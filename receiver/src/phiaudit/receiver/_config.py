@@ -44,6 +44,9 @@ class ServiceConfig:
     disk_encryption: bool = True
     workers: int = -1
     worker_min_bytes: int = 64 * 1024
+    #: audit spans through the compiled extractor (_native.c) where it is built; false: all
+    #: in Python (the reference mapping; slower)
+    native_extractor: bool = True
     sensitive_attributes: list[str] = field(
         default_factory=lambda: list(DEFAULT_SENSITIVE_ATTRIBUTES))
     tls_cert_file: str = ""
@@ -133,6 +136,8 @@ class ServiceConfig:
             errors.append("workers: -1 (one per core), 0 (in process) or 1 to 64")
         if not isinstance(self.disk_encryption, bool):
             errors.append("disk_encryption: true or false")
+        if not isinstance(self.native_extractor, bool):
+            errors.append("native_extractor: true or false")
         if not isinstance(self.spool_max_bytes, int) or isinstance(self.spool_max_bytes, bool) \
                 or self.spool_max_bytes < 0:
             errors.append("spool_max_bytes: an integer >= 0 (0: no local spool)")

@@ -27,7 +27,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,10 +195,15 @@ class Extractor:
         return {k: _text(v) for k, v in attrs.items() if self._keep(k)}
 
     # -- traces --------------------------------------------------------------------------
-    def traces(self, request: Any, sender: str = "") -> Extracted:
+    def traces(self, request: Any, sender: str = "", *, skip: Set[int] = frozenset(),
+               now_us: int | None = None) -> Extracted:
+        """``skip``: ordinals (1-based, in request order) of spans already turned into audit
+        rows by the compiled extractor; they are counted in ``spans`` and nothing else."""
         out = Extracted()
         st = out.stats
-        now_us = time.time_ns() // 1000
+        if now_us is None:
+            now_us = time.time_ns() // 1000
+        ordinal = 0
         for rs in request.resource_spans:
             res = _attrs(rs.resource.attributes)
             service = _text(res.get("service.name", ""))
@@ -209,6 +214,9 @@ class Extractor:
                 scope = ss.scope
                 for span in ss.spans:
                     st.spans += 1
+                    ordinal += 1
+                    if skip and ordinal in skip:
+                        continue
                     attrs = _attrs(span.attributes)
                     if ("db.system.name" in attrs or "db.system" in attrs) and \
                             self.infra.enabled:

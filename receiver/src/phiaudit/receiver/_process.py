@@ -18,18 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from phiaudit.storage import BlindIndex, FieldCipher, KeyRing, RecordEncoder
+from phiaudit.storage import (
+    AUDIT_COLUMNS,
+    BlindIndex,
+    ColumnKeys,
+    FieldCipher,
+    KeyRing,
+    RecordEncoder,
+)
+from phiaudit.storage._arrow import arrow_table
 
 from ._extract import Extractor
+from ._fast import NativeTraces, native_available
 from ._infra import InfraConfig, roll_up
 
 __all__ = ["MalformedRequest", "Processed", "RequestProcessor", "init_worker", "work"]
 
 _log = logging.getLogger("phiaudit.receiver")
+_NO_HASH = b"\x00" * 32
 
 
 class MalformedRequest(Exception):
@@ -38,7 +49,8 @@ class MalformedRequest(Exception):
 
 @dataclass
 class Processed:
-    audit_rows: list[list[Any]]
+    #: rows, or (compiled extractor) one Arrow table of the audit_events schema
+    audit_rows: list[list[Any]] | pa.Table
     trace_rows: list[list[Any]]
     stats: dict[str, int]
     infra_rows: list[list[Any]] = field(default_factory=list)
@@ -46,16 +58,49 @@ class Processed:
 
 
 class RequestProcessor:
-    def __init__(self, encoder: RecordEncoder, extractor: Extractor) -> None:
+    def __init__(self, encoder: RecordEncoder, extractor: Extractor,
+                 native: NativeTraces | None = None) -> None:
         self.encoder = encoder
         self.extractor = extractor
+        self.native = native
+        self.native_failures = 0
 
     @classmethod
     def for_data_dir(cls, data_dir: Path, sensitive: list[str],
-                     infra: dict[str, Any] | None = None) -> RequestProcessor:
+                     infra: dict[str, Any] | None = None,
+                     native: bool = True) -> RequestProcessor:
         ring = KeyRing.open(data_dir, create=False)
         return cls(RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
-                   Extractor(sensitive, InfraConfig.from_mapping(infra or {})))
+                   Extractor(sensitive, InfraConfig.from_mapping(infra or {})),
+                   native_for(ring) if native else None)
+
+    def _native_traces(self, raw: bytes, request: Any, sender: str) -> Processed | None:
+        """The compiled extractor's rows plus the Python path's for the spans it left;
+        None when it did not take the request."""
+        assert self.native is not None
+        now_us = time.time_ns() // 1000
+        try:
+            got = self.native.extract(raw, sender, now_us)
+        except Exception as exc:  # never lose a request to the fast path: Python does it
+            self.native_failures += 1
+            if self.native_failures == 1:
+                _log.error("compiled extractor failed (%s); this request goes through Python",
+                           type(exc).__name__)
+            return None
+        if got is None:
+            return None
+        table, skip = got
+        extracted = self.extractor.traces(request, sender, skip=skip, now_us=now_us)
+        if extracted.audit:
+            rows = [self.encoder.audit_row(ev) for ev in extracted.audit]
+            for row in rows:  # the writer links them; prev_hash is a FixedString(32)
+                row[-2] = _NO_HASH
+            rest = arrow_table(AUDIT_COLUMNS, rows)
+            table = pa.concat_tables([table, rest]) if table.num_rows else rest
+        stats = extracted.stats
+        stats.audit_events += len(skip)
+        stats.audit_rows += table.num_rows - len(extracted.audit)
+        return self._finish(extracted, table, native_spans=len(skip))
 
     def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         try:
@@ -66,11 +111,21 @@ class RequestProcessor:
         except (DecodeError, RuntimeError, ValueError):
             raise MalformedRequest("not a valid protobuf message") from None
         if signal == "traces":
+            if self.native is not None:
+                done = self._native_traces(raw, request, sender)
+                if done is not None:
+                    return done
             extracted = self.extractor.traces(request, sender)
         else:
             extracted = self.extractor.logs(request, sender)
         audit_row = self.encoder.audit_row
+        return self._finish(extracted, [audit_row(ev) for ev in extracted.audit])
+
+    def _finish(self, extracted: Any, audit: list[list[Any]] | pa.Table,
+                native_spans: int = 0) -> Processed:
         stats = dict(extracted.stats.__dict__)
+        if native_spans:
+            stats["native_spans"] = native_spans
         infra_rows: list[list[Any]] = []
         rollup_rows: list[list[Any]] = []
         if extracted.infra:
@@ -82,8 +137,16 @@ class RequestProcessor:
             stats["infra_kept_whole"] = len(infra_rows)
             stats["infra_rolled_up"] = split.rolled_up
             stats["infra_sampled"] = split.sampled
-        return Processed([audit_row(ev) for ev in extracted.audit], extracted.traces, stats,
-                         infra_rows, rollup_rows)
+        return Processed(audit, extracted.traces, stats, infra_rows, rollup_rows)
+
+
+def native_for(ring: KeyRing) -> NativeTraces | None:
+    """The compiled extractor over this key ring, or None (logged once) when not built."""
+    ok, why = native_available()
+    if not ok:
+        _log.warning("%s: audit spans are extracted in Python (slower)", why)
+        return None
+    return NativeTraces(ColumnKeys.from_ring(ring))
 
 
 _worker: RequestProcessor | None = None
@@ -102,12 +165,12 @@ def _exit_with(service_pid: int) -> None:
 
 
 def init_worker(data_dir: str, sensitive: list[str], service_pid: int,
-                infra: dict[str, Any] | None = None) -> None:
+                infra: dict[str, Any] | None = None, native: bool = True) -> None:
     global _worker
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
                      name="phiaudit-worker-watch").start()
-    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive, infra)
+    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive, infra, native)
 
 
 def work(signal: str, raw: bytes, sender: str) -> Processed:

@@ -118,8 +118,8 @@ class _Otlp:
             await context.abort(grpc.StatusCode.INTERNAL, "could not process the request")
         for name, value in processed.stats.items():
             svc.metrics.inc(name, value)
-        tables: dict[str, list[list[Any]]] = {}
-        if processed.audit_rows:
+        tables: dict[str, Any] = {}
+        if len(processed.audit_rows):
             tables["audit_events"] = processed.audit_rows
         if processed.trace_rows:
             tables["otel_traces"] = processed.trace_rows

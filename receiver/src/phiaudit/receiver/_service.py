@@ -57,7 +57,7 @@ from ._config import ServiceConfig
 from ._extract import Extractor
 from ._infra import InfraConfig
 from ._metrics import Metrics
-from ._process import Processed, RequestProcessor, init_worker, work
+from ._process import Processed, RequestProcessor, init_worker, native_for, work
 from ._rules_service import RuleScheduler
 from ._server import build_handlers
 
@@ -200,7 +200,7 @@ class Service:
             max_workers=n, mp_context=ctx, initializer=init_worker,
             initargs=(str(Path(self.config.data_dir).resolve()),
                       list(self.config.sensitive_attributes), os.getpid(),
-                      dict(self.config.infra or {})))
+                      dict(self.config.infra or {}), self.config.native_extractor))
         # start them now, not on the first request
         for f in [self._pool.submit(os.getpid) for _ in range(n)]:
             f.result(timeout=120)
@@ -223,7 +223,9 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         self._local = local = _Local(cfg, store_factory=self._store_factory)
-        self._processor = RequestProcessor(local.encoder, self.extractor)
+        self._processor = RequestProcessor(
+            local.encoder, self.extractor,
+            native_for(local.keys) if cfg.native_extractor else None)
         self._checkpointer = checkpointer_for_service(cfg, local)  # after the writer
         self._checkpointer.start()
         self._rules = RuleScheduler(cfg, local)  # after the writer; runs rules, sends alerts

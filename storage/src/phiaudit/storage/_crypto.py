@@ -55,6 +55,7 @@ __all__ = [
     "ENV_KEK_FILE",
     "ENV_KMS",
     "BlindIndex",
+    "ColumnKeys",
     "FieldCipher",
     "KeyRing",
     "KeyWrapper",
@@ -390,3 +391,24 @@ class BlindIndex:
         mac = self._base.copy()
         mac.update(domain.encode() + b"|" + value.encode("utf-8", "surrogatepass"))
         return mac.digest()[:16].hex()
+
+
+@dataclass(frozen=True, repr=False)
+class ColumnKeys:
+    """The active data and index keys, for the receiver's compiled extractor, which encrypts
+    and indexes in the stored layout of ``FieldCipher`` and ``BlindIndex``: ``01 || key id
+    (4, big-endian) || event id (16) || nonce (12) || ciphertext || tag`` with AAD
+    ``aad_prefix || column || "|" || event id``. For code inside this process; never printed."""
+
+    key_id: int
+    data_key: bytes
+    index_key: bytes
+    aad_prefix: bytes = _AAD_PREFIX
+
+    def __repr__(self) -> str:
+        return f"ColumnKeys(key_id={self.key_id}, [REDACTED])"
+
+    @classmethod
+    def from_ring(cls, ring: KeyRing) -> ColumnKeys:
+        data = ring.active("data")
+        return cls(data.key_id, data.material, ring.active("index").material)

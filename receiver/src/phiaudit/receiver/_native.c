@@ -1,0 +1,1179 @@
+/*
+ * phiaudit.receiver._native: the compiled extractor for audit spans.
+ *
+ * OTLP ExportTraceServiceRequest bytes -> the audit_events rows of its *eligible* audit spans,
+ * as Arrow buffers (one set per column, no Python object per row), encrypted and leaf-hashed
+ * exactly as the Python path (_extract.Extractor + storage.RecordEncoder) would store them.
+ *
+ * The Python path is the reference. A span is eligible only when every input it reads is
+ * mapped here exactly as the Python code maps it; any other span (non-audit spans, spans with
+ * phi.access events, database spans, unusual value types, duplicate keys or singular fields,
+ * absurd times, values the Python code normalises) is left to the Python path, which the
+ * caller runs on the same request with the eligible spans skipped (their ordinals are
+ * returned). tests/receiver/test_native.py checks that both paths give the same rows.
+ *
+ * The input is untrusted: every read is bounds-checked, every length is checked against the
+ * end of its enclosing message, and nesting is bounded by the schema (no recursion). The
+ * caller has already validated the bytes with the protobuf runtime; on anything this parser
+ * does not understand it returns None and the caller uses the Python path for the request.
+ *
+ * Crypto (OpenSSL libcrypto): AES-256-GCM with a fresh random 96-bit nonce per field
+ * (RAND_bytes), AAD "phiaudit:v1|<column>|<event id>", layout 01 || key id (4, BE) ||
+ * event id (16) || nonce (12) || ciphertext || tag (16); blind indexes are the first 16 bytes
+ * of HMAC-SHA256(index key, "<domain>|<value>") in hex; the leaf is SHA-256 of the canonical
+ * row (storage/_chain.py). Key material lives only in this call's memory and is wiped.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------- */
+/* growable buffers                                                                      */
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+} gbuf;
+
+static int gb_reserve(gbuf *b, size_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra) {
+        if (cap > ((size_t)1 << 40)) return -1;
+        cap *= 2;
+    }
+    char *p = realloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int gb_put(gbuf *b, const void *d, size_t n) {
+    if (gb_reserve(b, n)) return -1;
+    if (n) memcpy(b->p + b->len, d, n);
+    b->len += n;
+    return 0;
+}
+
+static int gb_putc(gbuf *b, char c) { return gb_put(b, &c, 1); }
+
+static void gb_free(gbuf *b, int wipe) {
+    if (b->p && wipe) OPENSSL_cleanse(b->p, b->cap);
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* decimal text of v into buf (at least 21 bytes); returns its length */
+static size_t fmt_u(char *buf, unsigned long long v) {
+    char t[24];
+    size_t n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++) buf[i] = t[n - 1 - i];
+    return n;
+}
+
+static size_t fmt_i(char *buf, long long v) {
+    if (v < 0) {
+        buf[0] = '-';
+        return 1 + fmt_u(buf + 1, (unsigned long long)(-(v + 1)) + 1);
+    }
+    return fmt_u(buf, (unsigned long long)v);
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* protobuf wire format                                                                  */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} str_t;
+
+typedef struct {
+    const uint8_t *p, *end;
+} rd_t;
+
+typedef struct {
+    uint32_t field, wt;
+    uint64_t v;     /* varint / fixed value */
+    str_t s;        /* length-delimited payload */
+} fld_t;
+
+/* 1: a field was read; 0: end of message; -1: malformed */
+static int next_field(rd_t *r, fld_t *f) {
+    if (r->p >= r->end) return 0;
+    uint64_t key = 0;
+    int shift = 0;
+    for (;;) {
+        if (r->p >= r->end || shift > 63) return -1;
+        uint8_t c = *r->p++;
+        key |= (uint64_t)(c & 0x7f) << shift;
+        if (!(c & 0x80)) break;
+        shift += 7;
+    }
+    f->field = (uint32_t)(key >> 3);
+    f->wt = (uint32_t)(key & 7);
+    if (f->field == 0 || (key >> 3) > 0x1fffffff) return -1;
+    switch (f->wt) {
+    case 0: {
+        uint64_t v = 0;
+        shift = 0;
+        for (;;) {
+            if (r->p >= r->end || shift > 63) return -1;
+            uint8_t c = *r->p++;
+            v |= (uint64_t)(c & 0x7f) << shift;
+            if (!(c & 0x80)) break;
+            shift += 7;
+        }
+        f->v = v;
+        return 1;
+    }
+    case 1:
+        if ((size_t)(r->end - r->p) < 8) return -1;
+        memcpy(&f->v, r->p, 8); /* little-endian hosts only (checked at import) */
+        r->p += 8;
+        return 1;
+    case 5: {
+        uint32_t v;
+        if ((size_t)(r->end - r->p) < 4) return -1;
+        memcpy(&v, r->p, 4);
+        f->v = v;
+        r->p += 4;
+        return 1;
+    }
+    case 2: {
+        uint64_t n = 0;
+        shift = 0;
+        for (;;) {
+            if (r->p >= r->end || shift > 63) return -1;
+            uint8_t c = *r->p++;
+            n |= (uint64_t)(c & 0x7f) << shift;
+            if (!(c & 0x80)) break;
+            shift += 7;
+        }
+        if (n > (uint64_t)(r->end - r->p)) return -1;
+        f->s.p = r->p;
+        f->s.n = (size_t)n;
+        r->p += n;
+        return 1;
+    }
+    default:
+        return -1; /* groups: not used by OTLP */
+    }
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* attributes                                                                            */
+
+enum { K_NONE = 0, K_STR = 1, K_BOOL = 2, K_INT = 3, K_DOUBLE = 4, K_ARRAY = 5, K_KVLIST = 6,
+       K_BYTES = 7 };
+
+typedef struct {
+    str_t key;
+    int kind;
+    int bad;       /* a duplicate singular field or an unexpected wire type */
+    str_t s;       /* string value, or the ArrayValue bytes */
+    int b;
+    int64_t i;
+} attr_t;
+
+/* AnyValue -> kind and value; bad on anything unusual (then the span is not eligible) */
+static int parse_any(str_t m, attr_t *a) {
+    rd_t r = {m.p, m.p + m.n};
+    fld_t f;
+    int rc, seen = 0;
+    a->kind = K_NONE;
+    while ((rc = next_field(&r, &f)) == 1) {
+        if (f.field >= 1 && f.field <= 7) {
+            if (seen++) a->bad = 1; /* two members of the oneof: the last wins there */
+            int want = (f.field == 1 || f.field == 5 || f.field == 6 || f.field == 7) ? 2
+                       : (f.field == 4 ? 1 : 0);
+            if ((int)f.wt != want) { a->bad = 1; continue; }
+            a->kind = (int)f.field;
+            if (f.field == 1 || f.field == 5) a->s = f.s;
+            else if (f.field == 2) a->b = f.v != 0;
+            else if (f.field == 3) a->i = (int64_t)f.v;
+        }
+    }
+    return rc; /* 0 or -1 */
+}
+
+static int parse_kv(str_t m, attr_t *a) {
+    rd_t r = {m.p, m.p + m.n};
+    fld_t f;
+    int rc, seen_key = 0, seen_val = 0;
+    memset(a, 0, sizeof(*a));
+    while ((rc = next_field(&r, &f)) == 1) {
+        if (f.field == 1) {
+            if (f.wt != 2 || seen_key++) a->bad = 1;
+            else a->key = f.s;
+        } else if (f.field == 2) {
+            if (f.wt != 2 || seen_val++) { a->bad = 1; continue; }
+            if (parse_any(f.s, a) < 0) return -1;
+        }
+    }
+    return rc;
+}
+
+/* an ArrayValue whose every value is a plain string; -1 malformed, 0 no, 1 yes */
+static int array_of_strings(str_t arr, size_t *count) {
+    rd_t r = {arr.p, arr.p + arr.n};
+    fld_t f;
+    int rc;
+    *count = 0;
+    int ok = 1;
+    while ((rc = next_field(&r, &f)) == 1) {
+        if (f.field != 1) continue;
+        if (f.wt != 2) { ok = 0; continue; }
+        attr_t v;
+        memset(&v, 0, sizeof(v));
+        if (parse_any(f.s, &v) < 0) return -1;
+        if (v.bad || v.kind != K_STR) ok = 0;
+        (*count)++;
+    }
+    return rc < 0 ? -1 : ok;
+}
+
+typedef struct {
+    attr_t *a;
+    size_t n, cap;
+} attrs_t;
+
+static int attrs_push(attrs_t *as, const attr_t *a) {
+    if (as->n == as->cap) {
+        size_t cap = as->cap ? as->cap * 2 : 32;
+        attr_t *p = realloc(as->a, cap * sizeof(attr_t));
+        if (!p) return -1;
+        as->a = p;
+        as->cap = cap;
+    }
+    as->a[as->n++] = *a;
+    return 0;
+}
+
+static int str_eq(str_t s, const char *lit) {
+    size_t n = strlen(lit);
+    return s.n == n && memcmp(s.p, lit, n) == 0;
+}
+
+static const attr_t *find(const attrs_t *as, const char *key) {
+    for (size_t i = 0; i < as->n; i++)
+        if (str_eq(as->a[i].key, key)) return &as->a[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* the mapping (receiver/_extract.py, Extractor._emit)                                    */
+
+static const char *MAPPED[] = {
+    "phi.audit.event", "phi.audit.outcome", "phi.audit.action", "phi.record.count",
+    "user.roles", "enduser.role", "http.response.status_code", "http.status_code",
+    "enduser.id", "user.id", "phi.actor.type", "client.address", "net.peer.ip",
+    "http.client_ip", "user_agent.original", "http.user_agent", "http.request.method",
+    "http.method", "http.route", "phi.resource.type", "phi.resource.id", "phi.query",
+    "phi.purpose", "phi.disclosure.recipient", "phi.device.id", "phi.patient.id", NULL};
+
+static const char *ACTIONS[] = {"read", "search", "create", "update", "delete", "disclose",
+                                "export", "print", "login", "logout", "break_glass", "", NULL};
+static const char *SUCCESS[] = {"success", "ok", "succeeded", "allowed", "true", NULL};
+static const char *FAILURE[] = {"failure", "fail", "failed", "error", "denied", "false", NULL};
+
+enum { S_PHI_AUDIT_EVENT, S_PHI_AUDIT_OUTCOME, S_PHI_AUDIT_ACTION, S_PHI_RECORD_COUNT, S_USER_ROLES, S_ENDUSER_ROLE, S_HTTP_RESPONSE_STATUS_CODE, S_HTTP_STATUS_CODE, S_ENDUSER_ID, S_USER_ID, S_PHI_ACTOR_TYPE, S_CLIENT_ADDRESS, S_NET_PEER_IP, S_HTTP_CLIENT_IP, S_USER_AGENT_ORIGINAL, S_HTTP_USER_AGENT, S_HTTP_REQUEST_METHOD, S_HTTP_METHOD, S_HTTP_ROUTE, S_PHI_RESOURCE_TYPE, S_PHI_RESOURCE_ID, S_PHI_QUERY, S_PHI_PURPOSE, S_PHI_DISCLOSURE_RECIPIENT, S_PHI_DEVICE_ID, S_PHI_PATIENT_ID, NMAPPED };
+static size_t MAPPED_LEN[NMAPPED];
+
+/* the index of a key in MAPPED, or -1 */
+static int slot_of(str_t k) {
+    for (int i = 0; i < NMAPPED; i++)
+        if (k.n == MAPPED_LEN[i] && memcmp(k.p, MAPPED[i], k.n) == 0) return i;
+    return -1;
+}
+
+static int in_list(str_t s, const char **list) {
+    for (int i = 0; list[i]; i++)
+        if (str_eq(s, list[i])) return 1;
+    return 0;
+}
+
+/* ASCII-lowered copy into buf (cap 16); 0 when not ASCII or too long */
+static int lower_ascii(str_t s, char *buf, size_t cap, str_t *out) {
+    if (s.n >= cap) return 0;
+    for (size_t i = 0; i < s.n; i++) {
+        uint8_t c = s.p[i];
+        if (c >= 0x80) return 0;
+        buf[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    }
+    out->p = (const uint8_t *)buf;
+    out->n = s.n;
+    return 1;
+}
+
+/* text of a str / bool / int value (Python's _s); tmp holds a formatted int */
+typedef struct {
+    char b[24];
+} numbuf;
+
+static str_t text_of(const attr_t *a, numbuf *tmp) {
+    str_t t = {(const uint8_t *)"", 0};
+    if (!a) return t;
+    switch (a->kind) {
+    case K_STR: return a->s;
+    case K_BOOL:
+        t.p = (const uint8_t *)(a->b ? "true" : "false");
+        t.n = a->b ? 4 : 5;
+        return t;
+    case K_INT:
+        t.n = fmt_i(tmp->b, (long long)a->i);
+        t.p = (const uint8_t *)tmp->b;
+        return t;
+    default: return t;
+    }
+}
+
+static int truthy(const attr_t *a) {
+    if (!a) return 0;
+    switch (a->kind) {
+    case K_STR: return a->s.n > 0;
+    case K_BOOL: return a->b;
+    case K_INT: return a->i != 0;
+    default: return 0;
+    }
+}
+
+/* _s(a if a is not None else (b or c or "")) */
+static str_t first_of(const attr_t *a, const attr_t *b, const attr_t *c, numbuf *tmp) {
+    if (a) return text_of(a, tmp);
+    if (truthy(b)) return text_of(b, tmp);
+    if (truthy(c)) return text_of(c, tmp);
+    str_t e = {(const uint8_t *)"", 0};
+    return e;
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* output columns (Arrow layouts)                                                        */
+
+enum { C_EVENT_ID, C_EVENT_TIME, C_RECEIVED_TIME, C_TIME_SOURCE, C_SOURCE, C_ACTION, C_OUTCOME,
+       C_OUTCOME_REASON, C_ACTOR_ID, C_ACTOR_TYPE, C_ACTOR_ROLES, C_SERVICE_NAME, C_HOST_NAME,
+       C_RESOURCE_TYPE, C_RESOURCE_ID, C_RESOURCE_BIDX, C_PATIENT_ID, C_PATIENT_BIDX,
+       C_RECORD_COUNT, C_QUERY, C_PURPOSE, C_RECIPIENT, C_CLIENT_ADDRESS, C_CLIENT_BIDX,
+       C_USER_AGENT, C_DEVICE_ID, C_HTTP_METHOD, C_HTTP_ROUTE, C_HTTP_STATUS, C_TRACE_ID,
+       C_SPAN_ID, C_SENDER, C_EXTRA, C_KEY_ID, C_WRITER_ID, C_SEQ, C_PREV_HASH, C_HASH, NCOLS };
+
+static const char *COLUMN_NAMES[NCOLS] = {
+    "event_id", "event_time", "received_time", "time_source", "source", "action", "outcome",
+    "outcome_reason", "actor_id", "actor_type", "actor_roles", "service_name", "host_name",
+    "resource_type", "resource_id", "resource_bidx", "patient_id", "patient_bidx",
+    "record_count", "query", "purpose", "recipient", "client_address", "client_bidx",
+    "user_agent", "device_id", "http_method", "http_route", "http_status", "trace_id",
+    "span_id", "sender", "extra", "key_id", "writer_id", "seq", "prev_hash", "hash"};
+
+/* layout of each column: b=binary (int32 offsets + data), f16/f32 fixed binary,
+   i64/u64/u32/u16 fixed-width numbers, l=list of binary */
+static const char *COLUMN_LAYOUTS[NCOLS] = {
+    "f16", "i64", "i64", "b", "b", "b", "b", "b", "b", "b", "l", "b", "b", "b", "b", "b", "b",
+    "b", "u64", "b", "b", "b", "b", "b", "b", "b", "b", "b", "u16", "b", "b", "b", "b", "u32",
+    "b", "u64", "f32", "f32"};
+
+typedef struct {
+    gbuf data, offs, child_offs;
+} col_t;
+
+typedef struct {
+    col_t c[NCOLS];
+    gbuf canon;   /* one row's canonical encoding */
+    gbuf plain;   /* scratch */
+    gbuf extra;   /* the JSON of extra */
+    EVP_CIPHER_CTX *aes;
+    EVP_MD_CTX *md, *hin, *hout, *tmp;
+    const EVP_MD *sha256;
+    uint8_t key_hdr[4];
+    uint8_t nonces[12 * 256]; /* drawn from the OS generator 256 at a time */
+    size_t nonce_at;
+    const char *sender;
+    size_t sender_n;
+    int64_t now_us;
+    size_t rows;
+} out_t;
+
+static int put_off(gbuf *offs, size_t v) {
+    if (v > 0x7fffffff) return -1;
+    int32_t o = (int32_t)v;
+    return gb_put(offs, &o, 4);
+}
+
+static int col_bin(out_t *o, int c, const void *p, size_t n) {
+    if (gb_put(&o->c[c].data, p, n)) return -1;
+    return put_off(&o->c[c].offs, o->c[c].data.len);
+}
+
+static int col_num(out_t *o, int c, const void *p, size_t n) { return gb_put(&o->c[c].data, p, n); }
+
+/* canonical encoding: netstrings (storage/_chain.py) */
+static int canon_ns(out_t *o, const void *p, size_t n) {
+    char num[24];
+    size_t k = fmt_u(num, n);
+    num[k++] = ':';
+    if (gb_reserve(&o->canon, k + n)) return -1;
+    memcpy(o->canon.p + o->canon.len, num, k);
+    if (n) memcpy(o->canon.p + o->canon.len + k, p, n);
+    o->canon.len += k + n;
+    return 0;
+}
+
+static int canon_u(out_t *o, unsigned long long v) {
+    char num[24];
+    return canon_ns(o, num, fmt_u(num, v));
+}
+
+static int canon_i(out_t *o, long long v) {
+    char num[24];
+    return canon_ns(o, num, fmt_i(num, v));
+}
+
+/* a string column, in the row and in its canonical encoding */
+static int put_str(out_t *o, int c, const void *p, size_t n) {
+    if (col_bin(o, c, p, n)) return -1;
+    return canon_ns(o, p, n);
+}
+
+static int sha256(out_t *o, const void *p, size_t n, uint8_t out[32]) {
+    unsigned int len = 0;
+    if (EVP_DigestInit_ex(o->md, o->sha256, NULL) != 1) return -1;
+    if (EVP_DigestUpdate(o->md, p, n) != 1) return -1;
+    if (EVP_DigestFinal_ex(o->md, out, &len) != 1) return -1;
+    return 0;
+}
+
+/* HMAC-SHA256 from the keyed inner/outer states */
+static int hmac(out_t *o, const char *domain, const uint8_t *v, size_t n, uint8_t mac[32]) {
+    uint8_t inner[32];
+    unsigned int len = 0;
+    if (EVP_MD_CTX_copy_ex(o->tmp, o->hin) != 1) return -1;
+    if (EVP_DigestUpdate(o->tmp, domain, strlen(domain)) != 1) return -1;
+    if (EVP_DigestUpdate(o->tmp, "|", 1) != 1) return -1;
+    if (EVP_DigestUpdate(o->tmp, v, n) != 1) return -1;
+    if (EVP_DigestFinal_ex(o->tmp, inner, &len) != 1) return -1;
+    if (EVP_MD_CTX_copy_ex(o->tmp, o->hout) != 1) return -1;
+    if (EVP_DigestUpdate(o->tmp, inner, 32) != 1) return -1;
+    if (EVP_DigestFinal_ex(o->tmp, mac, &len) != 1) return -1;
+    return 0;
+}
+
+static int put_bidx(out_t *o, int c, const char *domain, str_t v) {
+    static const char hexd[] = "0123456789abcdef";
+    if (v.n == 0) return put_str(o, c, "", 0);
+    uint8_t mac[32];
+    char hex[32];
+    if (hmac(o, domain, v.p, v.n, mac)) return -1;
+    for (int i = 0; i < 16; i++) {
+        hex[2 * i] = hexd[mac[i] >> 4];
+        hex[2 * i + 1] = hexd[mac[i] & 15];
+    }
+    return put_str(o, c, hex, 32);
+}
+
+static int put_enc(out_t *o, int c, const char *column, const uint8_t eid[16], const uint8_t *v,
+                   size_t n) {
+    if (n == 0) return put_str(o, c, "", 0);
+    if (n > 0x7fffff00) return -1;
+    uint8_t nonce[12];
+    int len = 0;
+    if (o->nonce_at == 0 || o->nonce_at >= sizeof(o->nonces)) {
+        if (RAND_bytes(o->nonces, (int)sizeof(o->nonces)) != 1) return -1;
+        o->nonce_at = 0;
+    }
+    memcpy(nonce, o->nonces + o->nonce_at, 12);
+    o->nonce_at += 12;
+    gbuf *b = &o->plain;
+    b->len = 0;
+    if (gb_reserve(b, 1 + 4 + 16 + 12 + n + 16)) return -1;
+    uint8_t *p = (uint8_t *)b->p;
+    p[0] = 1;
+    memcpy(p + 1, o->key_hdr, 4);
+    memcpy(p + 5, eid, 16);
+    memcpy(p + 21, nonce, 12);
+    if (EVP_EncryptInit_ex(o->aes, NULL, NULL, NULL, nonce) != 1) return -1;
+    static const char prefix[] = "phiaudit:v1|";
+    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)prefix, (int)strlen(prefix)) != 1)
+        return -1;
+    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)column, (int)strlen(column)) != 1)
+        return -1;
+    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)"|", 1) != 1) return -1;
+    if (EVP_EncryptUpdate(o->aes, NULL, &len, eid, 16) != 1) return -1;
+    if (EVP_EncryptUpdate(o->aes, p + 33, &len, v, (int)n) != 1) return -1;
+    size_t total = 33 + (size_t)len;
+    if (EVP_EncryptFinal_ex(o->aes, p + total, &len) != 1) return -1;
+    total += (size_t)len;
+    if (EVP_CIPHER_CTX_ctrl(o->aes, EVP_CTRL_GCM_GET_TAG, 16, p + total) != 1) return -1;
+    total += 16;
+    return put_str(o, c, p, total);
+}
+
+/* JSON string as Python's json with ensure_ascii=False writes it */
+static int json_str(gbuf *b, const uint8_t *p, size_t n) {
+    static const char hexd[] = "0123456789abcdef";
+    if (gb_putc(b, '"')) return -1;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = p[i];
+        const char *esc = NULL;
+        switch (c) {
+        case '"': esc = "\\\""; break;
+        case '\\': esc = "\\\\"; break;
+        case '\n': esc = "\\n"; break;
+        case '\r': esc = "\\r"; break;
+        case '\t': esc = "\\t"; break;
+        case '\b': esc = "\\b"; break;
+        case '\f': esc = "\\f"; break;
+        default: break;
+        }
+        if (esc) {
+            if (gb_put(b, esc, 2)) return -1;
+        } else if (c < 0x20) {
+            char u[6] = {'\\', 'u', '0', '0', hexd[c >> 4], hexd[c & 15]};
+            if (gb_put(b, u, 6)) return -1;
+        } else if (gb_putc(b, (char)c)) {
+            return -1;
+        }
+    }
+    return gb_putc(b, '"');
+}
+
+typedef struct {
+    str_t trace_id, span_id, name;
+    uint64_t start;
+    int status_code;
+    int has_exception, has_access;
+    int bad;
+    attrs_t attrs;
+} span_t;
+
+typedef struct {
+    str_t service, host, device;
+    int bad;
+} res_t;
+
+static const int64_t MIN_TIME_US = 946684800000000LL;
+static const int64_t FUTURE_SLACK_US = 24LL * 3600 * 1000000;
+#define MAX_PATIENTS 10000
+#define MAX_ATTRS 128
+
+/* 1: rows emitted; 0: not eligible; -1: error (memory / crypto) */
+static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
+    const attrs_t *as = &sp->attrs;
+    if (sp->bad || res->bad || sp->has_access || as->n > MAX_ATTRS) return 0;
+    const attr_t *slot[NMAPPED];
+    signed char slot_ix[MAX_ATTRS];
+    memset(slot, 0, sizeof(slot));
+    for (size_t i = 0; i < as->n; i++) {
+        int sl = slot_of(as->a[i].key);
+        slot_ix[i] = (signed char)sl;
+        if (sl >= 0) {
+            if (slot[sl]) return 0; /* a duplicate key: the last one wins in Python */
+            slot[sl] = &as->a[i];
+        }
+    }
+    /* phi.audit.event true */
+    const attr_t *ev = slot[S_PHI_AUDIT_EVENT];
+    if (!ev) return 0;
+    if (ev->kind == K_BOOL) {
+        if (!ev->b) return 0;
+    } else if (ev->kind == K_STR) {
+        char lb[16];
+        str_t l;
+        if (!lower_ascii(ev->s, lb, sizeof(lb), &l) || !str_eq(l, "true")) return 0;
+    } else {
+        return 0;
+    }
+    for (size_t i = 0; i < as->n; i++) {
+        const attr_t *a = &as->a[i];
+        if (a->bad) return 0;
+        for (size_t j = 0; j < i; j++)
+            if (a->key.n == as->a[j].key.n && memcmp(a->key.p, as->a[j].key.p, a->key.n) == 0)
+                return 0; /* a duplicate key: the last one wins in Python */
+        if (str_eq(a->key, "db.system") || str_eq(a->key, "db.system.name") ||
+            str_eq(a->key, "span.name"))
+            return 0;
+        if (a->kind == K_STR || a->kind == K_BOOL || a->kind == K_INT) continue;
+        if (a->kind == K_ARRAY && (str_eq(a->key, "phi.patient.id") ||
+                                   str_eq(a->key, "user.roles") ||
+                                   str_eq(a->key, "enduser.role"))) {
+            size_t cnt;
+            int r = array_of_strings(a->s, &cnt);
+            if (r < 0) return -2;
+            if (r == 1 && cnt <= MAX_PATIENTS) continue;
+        }
+        return 0;
+    }
+    int64_t t_us = (int64_t)(sp->start / 1000);
+    if (sp->start > (uint64_t)INT64_MAX || t_us < MIN_TIME_US || t_us > o->now_us + FUTURE_SLACK_US)
+        return 0;
+    const attr_t *action = slot[S_PHI_AUDIT_ACTION];
+    if (action && !(action->kind == K_STR && in_list(action->s, ACTIONS))) return 0;
+    const attr_t *count = slot[S_PHI_RECORD_COUNT];
+    if (count && !(count->kind == K_INT && count->i >= 0)) return 0;
+    const attr_t *status = slot[S_HTTP_RESPONSE_STATUS_CODE];
+    if (!status) status = slot[S_HTTP_STATUS_CODE];
+    if (status && !(status->kind == K_INT && status->i >= 0 && status->i <= 999)) return 0;
+    const attr_t *outcome = slot[S_PHI_AUDIT_OUTCOME];
+    int explicit_ok = -1; /* -1 none, 1 success, 0 failure */
+    if (outcome) {
+        if (outcome->kind == K_BOOL) {
+            explicit_ok = outcome->b ? 1 : 0;
+        } else if (outcome->kind == K_STR) {
+            char lb[16];
+            str_t l;
+            if (!lower_ascii(outcome->s, lb, sizeof(lb), &l)) return 0;
+            if (in_list(l, SUCCESS)) explicit_ok = 1;
+            else if (in_list(l, FAILURE)) explicit_ok = 0;
+            else return 0;
+        } else {
+            return 0;
+        }
+    }
+    const attr_t *roles = slot[S_USER_ROLES];
+    if (!roles) roles = slot[S_ENDUSER_ROLE];
+    if (roles && roles->kind != K_ARRAY) {
+        if (roles->kind != K_STR) return 0;
+        for (size_t i = 0; i < roles->s.n; i++)
+            if (roles->s.p[i] < 0x20 || roles->s.p[i] > 0x7e) return 0;
+    }
+    const attr_t *patient = slot[S_PHI_PATIENT_ID];
+    if (patient && patient->kind != K_STR && patient->kind != K_ARRAY) return 0;
+
+    /* ---- eligible: the fields ---- */
+    numbuf nb[12];
+    const char *outcome_s, *reason_s;
+    if (explicit_ok == 1) { outcome_s = "success"; reason_s = "explicit"; }
+    else if (explicit_ok == 0) { outcome_s = "failure"; reason_s = "explicit"; }
+    else if (sp->status_code == 2) { outcome_s = "failure"; reason_s = "status"; }
+    else if (status && status->i >= 400) { outcome_s = "failure"; reason_s = "http"; }
+    else if (sp->has_exception) { outcome_s = "failure"; reason_s = "exception"; }
+    else { outcome_s = "success"; reason_s = "default"; }
+    str_t act = action ? action->s : (str_t){(const uint8_t *)"", 0};
+    if (act.n == 0) act = (str_t){(const uint8_t *)"unknown", 7};
+    str_t actor = first_of(slot[S_ENDUSER_ID], slot[S_USER_ID], NULL, &nb[0]);
+    str_t actor_type = text_of(slot[S_PHI_ACTOR_TYPE], &nb[1]);
+    if (actor_type.n == 0 && actor.n > 0) actor_type = (str_t){(const uint8_t *)"user", 4};
+    str_t client = first_of(slot[S_CLIENT_ADDRESS], slot[S_NET_PEER_IP],
+                            slot[S_HTTP_CLIENT_IP], &nb[2]);
+    str_t agent = first_of(slot[S_USER_AGENT_ORIGINAL], slot[S_HTTP_USER_AGENT], NULL,
+                           &nb[3]);
+    str_t method = first_of(slot[S_HTTP_REQUEST_METHOD], slot[S_HTTP_METHOD], NULL,
+                            &nb[4]);
+    str_t route = text_of(slot[S_HTTP_ROUTE], &nb[5]);
+    str_t rtype = text_of(slot[S_PHI_RESOURCE_TYPE], &nb[6]);
+    str_t rid = text_of(slot[S_PHI_RESOURCE_ID], &nb[7]);
+    str_t query = text_of(slot[S_PHI_QUERY], &nb[8]);
+    str_t purpose = text_of(slot[S_PHI_PURPOSE], &nb[9]);
+    str_t recipient = text_of(slot[S_PHI_DISCLOSURE_RECIPIENT], &nb[10]);
+    str_t device = text_of(slot[S_PHI_DEVICE_ID], &nb[11]);
+    if (device.n == 0) device = res->device;
+    uint64_t record_count = count ? (uint64_t)count->i : 0;
+    uint16_t http_status = status ? (uint16_t)status->i : 0;
+
+    /* the JSON of extra: the span name, then the attributes the mapping does not consume */
+    gbuf *x = &o->extra;
+    x->len = 0;
+    if (gb_put(x, "{\"span.name\":", 13) || json_str(x, sp->name.p, sp->name.n)) return -1;
+    for (size_t i = 0; i < as->n; i++) {
+        const attr_t *a = &as->a[i];
+        if (slot_ix[i] >= 0) continue;
+        if (gb_putc(x, ',') || json_str(x, a->key.p, a->key.n) || gb_putc(x, ':')) return -1;
+        numbuf t;
+        if (a->kind == K_STR) {
+            if (json_str(x, a->s.p, a->s.n)) return -1;
+        } else {
+            str_t v = text_of(a, &t);
+            if (gb_put(x, v.p, v.n)) return -1;
+        }
+    }
+    if (gb_putc(x, '}')) return -1;
+
+    /* roles (list) */
+    str_t role_items[MAX_PATIENTS > 256 ? 256 : MAX_PATIENTS];
+    size_t nroles = 0;
+    if (roles && roles->kind == K_ARRAY) {
+        rd_t r = {roles->s.p, roles->s.p + roles->s.n};
+        fld_t f;
+        int rc;
+        while ((rc = next_field(&r, &f)) == 1) {
+            if (f.field != 1) continue;
+            attr_t v;
+            memset(&v, 0, sizeof(v));
+            parse_any(f.s, &v);
+            if (nroles >= 256) return 0;
+            role_items[nroles++] = v.s; /* every item is a string: checked above */
+        }
+    } else if (roles && roles->s.n > 0) {
+        const uint8_t *p = roles->s.p, *end = p + roles->s.n;
+        while (p <= end) {
+            const uint8_t *q = p;
+            while (q < end && *q != ',') q++;
+            const uint8_t *a = p, *b = q;
+            while (a < b && *a == ' ') a++;
+            while (b > a && b[-1] == ' ') b--;
+            if (b > a) {
+                if (nroles >= 256) return 0;
+                role_items[nroles++] = (str_t){a, (size_t)(b - a)};
+            }
+            p = q + 1;
+        }
+    }
+
+    /* patients: one row each, or one row without a patient */
+    str_t one = {(const uint8_t *)"", 0};
+    size_t npat = 0;
+    rd_t pr = {NULL, NULL};
+    if (patient && patient->kind == K_ARRAY) {
+        pr.p = patient->s.p;
+        pr.end = patient->s.p + patient->s.n;
+    } else if (patient && patient->s.n > 0) {
+        one = patient->s;
+        npat = 1;
+    }
+    static const char hexd[] = "0123456789abcdef";
+    char tid_hex[2 * 64], sid_hex[2 * 64];
+    size_t tn = sp->trace_id.n > 64 ? 64 : sp->trace_id.n;
+    size_t sn = sp->span_id.n > 64 ? 64 : sp->span_id.n;
+    if (sp->trace_id.n > 64 || sp->span_id.n > 64) return 0;
+    for (size_t i = 0; i < tn; i++) {
+        tid_hex[2 * i] = hexd[sp->trace_id.p[i] >> 4];
+        tid_hex[2 * i + 1] = hexd[sp->trace_id.p[i] & 15];
+    }
+    for (size_t i = 0; i < sn; i++) {
+        sid_hex[2 * i] = hexd[sp->span_id.p[i] >> 4];
+        sid_hex[2 * i + 1] = hexd[sp->span_id.p[i] & 15];
+    }
+    size_t index = 0;
+    for (;;) {
+        str_t pat = {(const uint8_t *)"", 0};
+        if (pr.p) {
+            fld_t f;
+            int rc = next_field(&pr, &f);
+            if (rc < 0) return -2;
+            if (rc == 0) {
+                if (index > 0) break;
+                /* an empty list: one row without a patient */
+            } else {
+                if (f.field != 1) continue;
+                attr_t v;
+                memset(&v, 0, sizeof(v));
+                parse_any(f.s, &v);
+                if (v.s.n == 0) continue; /* Python drops empty ids */
+                pat = v.s;
+            }
+        } else if (npat == 1) {
+            pat = one;
+        }
+        /* the event id: SHA-256("span|" trace_id span_id "|0|" index)[:16] */
+        uint8_t digest[32], eid[16];
+        char idx[24];
+        size_t il = fmt_u(idx, index);
+        gbuf *s = &o->plain;
+        s->len = 0;
+        if (gb_put(s, "span|", 5) || gb_put(s, sp->trace_id.p, sp->trace_id.n) ||
+            gb_put(s, sp->span_id.p, sp->span_id.n) || gb_put(s, "|0|", 3) ||
+            gb_put(s, idx, (size_t)il))
+            return -1;
+        if (sha256(o, s->p, s->len, digest)) return -1;
+        memcpy(eid, digest, 16);
+        char uuid[36];
+        for (int i = 0, k = 0; i < 16; i++) {
+            if (i == 4 || i == 6 || i == 8 || i == 10) uuid[k++] = '-';
+            uuid[k++] = hexd[eid[i] >> 4];
+            uuid[k++] = hexd[eid[i] & 15];
+        }
+        o->canon.len = 0;
+        int64_t now = o->now_us;
+        if (col_num(o, C_EVENT_ID, eid, 16) || canon_ns(o, uuid, 36)) return -1;
+        if (col_num(o, C_EVENT_TIME, &t_us, 8) || canon_i(o, t_us)) return -1;
+        if (col_num(o, C_RECEIVED_TIME, &now, 8) || canon_i(o, now)) return -1;
+        if (put_str(o, C_TIME_SOURCE, "span", 4) || put_str(o, C_SOURCE, "span", 4)) return -1;
+        if (put_str(o, C_ACTION, act.p, act.n)) return -1;
+        if (put_str(o, C_OUTCOME, outcome_s, strlen(outcome_s))) return -1;
+        if (put_str(o, C_OUTCOME_REASON, reason_s, strlen(reason_s))) return -1;
+        if (put_str(o, C_ACTOR_ID, actor.p, actor.n)) return -1;
+        if (put_str(o, C_ACTOR_TYPE, actor_type.p, actor_type.n)) return -1;
+        {   /* actor_roles: list of binary; canonical: netstring of the items' netstrings */
+            col_t *c = &o->c[C_ACTOR_ROLES];
+            size_t mark = o->canon.len, inner = 0;
+            for (size_t i = 0; i < nroles; i++) {
+                if (gb_put(&c->data, role_items[i].p, role_items[i].n)) return -1;
+                if (put_off(&c->child_offs, c->data.len)) return -1;
+                char num[24];
+                inner += fmt_u(num, role_items[i].n) + 1 + role_items[i].n;
+            }
+            if (put_off(&c->offs, c->child_offs.len / 4 - 1)) return -1;
+            char num[24];
+            size_t k = fmt_u(num, inner);
+            num[k++] = ':';
+            if (gb_put(&o->canon, num, k)) return -1;
+            for (size_t i = 0; i < nroles; i++)
+                if (canon_ns(o, role_items[i].p, role_items[i].n)) return -1;
+            (void)mark;
+        }
+        if (put_str(o, C_SERVICE_NAME, res->service.p, res->service.n)) return -1;
+        if (put_str(o, C_HOST_NAME, res->host.p, res->host.n)) return -1;
+        if (put_str(o, C_RESOURCE_TYPE, rtype.p, rtype.n)) return -1;
+        if (put_enc(o, C_RESOURCE_ID, "resource_id", eid, rid.p, rid.n)) return -1;
+        if (rid.n) {
+            gbuf *k = &o->plain;
+            k->len = 0;
+            if (gb_put(k, rtype.p, rtype.n) || gb_putc(k, '/') || gb_put(k, rid.p, rid.n))
+                return -1;
+            /* copy: put_bidx does not use o->plain */
+            str_t key = {(const uint8_t *)k->p, k->len};
+            if (put_bidx(o, C_RESOURCE_BIDX, "resource", key)) return -1;
+        } else if (put_str(o, C_RESOURCE_BIDX, "", 0)) {
+            return -1;
+        }
+        if (put_enc(o, C_PATIENT_ID, "patient_id", eid, pat.p, pat.n)) return -1;
+        if (put_bidx(o, C_PATIENT_BIDX, "patient", pat)) return -1;
+        if (col_num(o, C_RECORD_COUNT, &record_count, 8) || canon_u(o, record_count)) return -1;
+        if (put_enc(o, C_QUERY, "query", eid, query.p, query.n)) return -1;
+        if (put_str(o, C_PURPOSE, purpose.p, purpose.n)) return -1;
+        if (put_enc(o, C_RECIPIENT, "recipient", eid, recipient.p, recipient.n)) return -1;
+        if (put_enc(o, C_CLIENT_ADDRESS, "client_address", eid, client.p, client.n)) return -1;
+        if (put_bidx(o, C_CLIENT_BIDX, "client", client)) return -1;
+        if (put_str(o, C_USER_AGENT, agent.p, agent.n)) return -1;
+        if (put_enc(o, C_DEVICE_ID, "device_id", eid, device.p, device.n)) return -1;
+        if (put_str(o, C_HTTP_METHOD, method.p, method.n)) return -1;
+        if (put_str(o, C_HTTP_ROUTE, route.p, route.n)) return -1;
+        if (col_num(o, C_HTTP_STATUS, &http_status, 2) || canon_u(o, http_status)) return -1;
+        if (put_str(o, C_TRACE_ID, tid_hex, 2 * tn) || put_str(o, C_SPAN_ID, sid_hex, 2 * sn))
+            return -1;
+        if (put_str(o, C_SENDER, o->sender, o->sender_n)) return -1;
+        if (put_enc(o, C_EXTRA, "extra", eid, (const uint8_t *)x->p, x->len)) return -1;
+        uint32_t key_id = ((uint32_t)o->key_hdr[0] << 24) | ((uint32_t)o->key_hdr[1] << 16) |
+                          ((uint32_t)o->key_hdr[2] << 8) | o->key_hdr[3];
+        if (col_num(o, C_KEY_ID, &key_id, 4) || canon_u(o, key_id)) return -1;
+        /* the chain columns: filled by the writer; the hash slot carries the leaf */
+        uint64_t zero = 0;
+        uint8_t zeros[32] = {0}, leaf[32];
+        if (col_bin(o, C_WRITER_ID, "", 0) || col_num(o, C_SEQ, &zero, 8) ||
+            col_num(o, C_PREV_HASH, zeros, 32))
+            return -1;
+        if (sha256(o, o->canon.p, o->canon.len, leaf) || col_num(o, C_HASH, leaf, 32)) return -1;
+        o->rows++;
+        index++;
+        if (!pr.p) break;
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* the request walk                                                                      */
+
+static int parse_res(str_t m, res_t *res, attrs_t *tmp) {
+    rd_t r = {m.p, m.p + m.n};
+    fld_t f;
+    int rc;
+    tmp->n = 0;
+    while ((rc = next_field(&r, &f)) == 1) {
+        if (f.field != 1) continue;
+        if (f.wt != 2) { res->bad = 1; continue; }
+        attr_t a;
+        if (parse_kv(f.s, &a) < 0) return -1;
+        if (attrs_push(tmp, &a)) return -2;
+    }
+    if (rc < 0) return -1;
+    for (size_t i = 0; i < tmp->n; i++) {
+        const attr_t *a = &tmp->a[i];
+        for (size_t j = 0; j < i; j++)
+            if (a->key.n == tmp->a[j].key.n && memcmp(a->key.p, tmp->a[j].key.p, a->key.n) == 0)
+                res->bad = 1;
+        str_t *slot = str_eq(a->key, "service.name") ? &res->service
+                      : str_eq(a->key, "host.name") ? &res->host
+                      : str_eq(a->key, "device.id") ? &res->device : NULL;
+        if (!slot) continue;
+        if (a->bad || !(a->kind == K_STR || a->kind == K_BOOL || a->kind == K_INT)) {
+            res->bad = 1;
+        } else if (a->kind == K_STR) {
+            *slot = a->s;
+        } else {
+            /* text of a bool or int resource attribute: rare, the Python path does it */
+            res->bad = 1;
+        }
+    }
+    return 0;
+}
+
+static int parse_span(str_t m, span_t *sp) {
+    rd_t r = {m.p, m.p + m.n};
+    fld_t f;
+    int rc, seen[16] = {0};
+    sp->attrs.n = 0;
+    sp->bad = sp->has_access = sp->has_exception = 0;
+    sp->status_code = 0;
+    sp->start = 0;
+    sp->trace_id.n = sp->span_id.n = sp->name.n = 0;
+    sp->trace_id.p = sp->span_id.p = sp->name.p = (const uint8_t *)"";
+    while ((rc = next_field(&r, &f)) == 1) {
+        switch (f.field) {
+        case 1: case 2: case 5: case 7: case 15:
+            if (seen[f.field]++) sp->bad = 1;
+            break;
+        default: break;
+        }
+        switch (f.field) {
+        case 1: if (f.wt != 2) sp->bad = 1; else sp->trace_id = f.s; break;
+        case 2: if (f.wt != 2) sp->bad = 1; else sp->span_id = f.s; break;
+        case 5: if (f.wt != 2) sp->bad = 1; else sp->name = f.s; break;
+        case 7: if (f.wt != 1) sp->bad = 1; else sp->start = f.v; break;
+        case 9: {
+            if (f.wt != 2) { sp->bad = 1; break; }
+            attr_t a;
+            if (parse_kv(f.s, &a) < 0) return -1;
+            if (attrs_push(&sp->attrs, &a)) return -2;
+            break;
+        }
+        case 11: {
+            if (f.wt != 2) { sp->bad = 1; break; }
+            rd_t er = {f.s.p, f.s.p + f.s.n};
+            fld_t g;
+            int erc, names = 0;
+            while ((erc = next_field(&er, &g)) == 1) {
+                if (g.field != 2) continue;
+                if (g.wt != 2 || names++) { sp->bad = 1; continue; }
+                if (str_eq(g.s, "phi.access")) sp->has_access = 1;
+                if (str_eq(g.s, "exception")) sp->has_exception = 1;
+            }
+            if (erc < 0) return -1;
+            break;
+        }
+        case 15: {
+            if (f.wt != 2) { sp->bad = 1; break; }
+            rd_t sr = {f.s.p, f.s.p + f.s.n};
+            fld_t g;
+            int src, codes = 0;
+            while ((src = next_field(&sr, &g)) == 1) {
+                if (g.field != 3) continue;
+                if (g.wt != 0 || codes++) { sp->bad = 1; continue; }
+                sp->status_code = (int)(int32_t)g.v;
+            }
+            if (src < 0) return -1;
+            break;
+        }
+        default: break;
+        }
+    }
+    return rc;
+}
+
+static void out_free(out_t *o) {
+    for (int i = 0; i < NCOLS; i++) {
+        gb_free(&o->c[i].data, 0);
+        gb_free(&o->c[i].offs, 0);
+        gb_free(&o->c[i].child_offs, 0);
+    }
+    OPENSSL_cleanse(o->nonces, sizeof(o->nonces));
+    gb_free(&o->canon, 1);
+    gb_free(&o->plain, 1);
+    gb_free(&o->extra, 1);
+    if (o->aes) EVP_CIPHER_CTX_free(o->aes);
+    if (o->md) EVP_MD_CTX_free(o->md);
+    if (o->hin) EVP_MD_CTX_free(o->hin);
+    if (o->hout) EVP_MD_CTX_free(o->hout);
+    if (o->tmp) EVP_MD_CTX_free(o->tmp);
+}
+
+typedef struct {
+    gbuf ords; /* int32 ordinals (1-based) of the spans turned into rows */
+    int malformed;
+    int failed;
+} walk_t;
+
+/* the walk: ExportTraceServiceRequest.resource_spans(1) -> resource(1), scope_spans(2) ->
+   spans(2). Returns 0, or -1 malformed, -2 out of memory / crypto failure. */
+static int walk(out_t *o, str_t req, walk_t *w) {
+    rd_t r = {req.p, req.p + req.n};
+    fld_t f;
+    int rc;
+    int32_t ord = 0;
+    attrs_t rtmp = {0};
+    span_t sp;
+    memset(&sp, 0, sizeof(sp));
+    int result = 0;
+    while ((rc = next_field(&r, &f)) == 1) {
+        if (f.field != 1) continue;
+        if (f.wt != 2) { result = -1; goto done; }
+        /* a ResourceSpans: its resource first (it may come after the scopes on the wire) */
+        res_t res;
+        memset(&res, 0, sizeof(res));
+        res.service.p = res.host.p = res.device.p = (const uint8_t *)"";
+        rd_t rr = {f.s.p, f.s.p + f.s.n};
+        fld_t g;
+        int grc, nres = 0;
+        while ((grc = next_field(&rr, &g)) == 1) {
+            if (g.field != 1) continue;
+            if (g.wt != 2 || nres++) { res.bad = 1; continue; }
+            int prc = parse_res(g.s, &res, &rtmp);
+            if (prc) { result = prc; goto done; }
+        }
+        if (grc < 0) { result = -1; goto done; }
+        rr.p = f.s.p;
+        while ((grc = next_field(&rr, &g)) == 1) {
+            if (g.field != 2) continue;
+            if (g.wt != 2) { result = -1; goto done; }
+            rd_t sr = {g.s.p, g.s.p + g.s.n};
+            fld_t h;
+            int hrc;
+            while ((hrc = next_field(&sr, &h)) == 1) {
+                if (h.field != 2) continue;
+                if (h.wt != 2) { result = -1; goto done; }
+                ord++;
+                int prc = parse_span(h.s, &sp);
+                if (prc) { result = prc; goto done; }
+                int erc = emit_span(o, &sp, &res);
+                if (erc == -1) { result = -2; goto done; }
+                if (erc == -2) { result = -1; goto done; }
+                if (erc == 1 && gb_put(&w->ords, &ord, 4)) { result = -2; goto done; }
+            }
+            if (hrc < 0) { result = -1; goto done; }
+        }
+        if (grc < 0) { result = -1; goto done; }
+    }
+    if (rc < 0) result = -1;
+done:
+    free(rtmp.a);
+    free(sp.attrs.a);
+    return result;
+}
+
+static PyObject *bytes_of(const gbuf *b) {
+    return PyBytes_FromStringAndSize(b->p ? b->p : "", (Py_ssize_t)b->len);
+}
+
+/* extract(raw, now_us, sender, key_id, data_key, index_key)
+   -> None (malformed for this parser: use the Python path for the request), or
+      (rows, ords, columns) with ords the int32 ordinals as bytes and columns one tuple per
+      column: (data, offsets, child_offsets) as bytes */
+static PyObject *native_extract(PyObject *self, PyObject *args) {
+    Py_buffer raw, dk, ik, snd;
+    long long now_us;
+    unsigned long key_id;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Ly*ky*y*", &raw, &now_us, &snd, &key_id, &dk, &ik))
+        return NULL;
+    PyObject *result = NULL;
+    out_t o;
+    walk_t w;
+    memset(&o, 0, sizeof(o));
+    memset(&w, 0, sizeof(w));
+    if (dk.len != 32 || ik.len != 32 || key_id > 0xffffffffUL) {
+        PyErr_SetString(PyExc_ValueError, "bad key material");
+        goto out;
+    }
+    o.now_us = now_us;
+    o.sender = snd.buf;
+    o.sender_n = (size_t)snd.len;
+    o.key_hdr[0] = (uint8_t)(key_id >> 24);
+    o.key_hdr[1] = (uint8_t)(key_id >> 16);
+    o.key_hdr[2] = (uint8_t)(key_id >> 8);
+    o.key_hdr[3] = (uint8_t)key_id;
+    o.sha256 = EVP_sha256();
+    o.aes = EVP_CIPHER_CTX_new();
+    o.md = EVP_MD_CTX_new();
+    o.hin = EVP_MD_CTX_new();
+    o.hout = EVP_MD_CTX_new();
+    o.tmp = EVP_MD_CTX_new();
+    if (!o.aes || !o.md || !o.hin || !o.hout || !o.tmp) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    {
+        uint8_t pad[64];
+        int ok = EVP_EncryptInit_ex(o.aes, EVP_aes_256_gcm(), NULL, dk.buf, NULL) == 1;
+        memset(pad, 0x36, 64);
+        for (int i = 0; i < 32; i++) pad[i] ^= ((const uint8_t *)ik.buf)[i];
+        ok = ok && EVP_DigestInit_ex(o.hin, o.sha256, NULL) == 1 &&
+             EVP_DigestUpdate(o.hin, pad, 64) == 1;
+        memset(pad, 0x5c, 64);
+        for (int i = 0; i < 32; i++) pad[i] ^= ((const uint8_t *)ik.buf)[i];
+        ok = ok && EVP_DigestInit_ex(o.hout, o.sha256, NULL) == 1 &&
+             EVP_DigestUpdate(o.hout, pad, 64) == 1;
+        OPENSSL_cleanse(pad, sizeof(pad));
+        if (!ok) {
+            PyErr_SetString(PyExc_RuntimeError, "libcrypto initialisation failed");
+            goto out;
+        }
+    }
+    for (int i = 0; i < NCOLS; i++) {
+        /* Arrow offsets start at 0 */
+        if (COLUMN_LAYOUTS[i][0] == 'b' || COLUMN_LAYOUTS[i][0] == 'l') {
+            if (put_off(&o.c[i].offs, 0)) { PyErr_NoMemory(); goto out; }
+        }
+        if (COLUMN_LAYOUTS[i][0] == 'l' && put_off(&o.c[i].child_offs, 0)) {
+            PyErr_NoMemory();
+            goto out;
+        }
+    }
+    int rc;
+    str_t req = {raw.buf, (size_t)raw.len};
+    Py_BEGIN_ALLOW_THREADS
+    rc = walk(&o, req, &w);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto out;
+    }
+    if (rc == -2) {
+        PyErr_SetString(PyExc_MemoryError, "native extraction failed (memory or libcrypto)");
+        goto out;
+    }
+    PyObject *cols = PyTuple_New(NCOLS);
+    if (!cols) goto out;
+    for (int i = 0; i < NCOLS; i++) {
+        col_t *c = &o.c[i];
+        PyObject *t = Py_BuildValue("(NNN)", bytes_of(&c->data), bytes_of(&c->offs),
+                                    bytes_of(&c->child_offs));
+        if (!t) { Py_DECREF(cols); goto out; }
+        PyTuple_SET_ITEM(cols, i, t);
+    }
+    result = Py_BuildValue("(nNN)", (Py_ssize_t)o.rows, bytes_of(&w.ords), cols);
+out:
+    gb_free(&w.ords, 0);
+    out_free(&o);
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&snd);
+    PyBuffer_Release(&dk);
+    PyBuffer_Release(&ik);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"extract", native_extract, METH_VARARGS,
+     "extract(raw, now_us, sender, key_id, data_key, index_key) -> None | (rows, ords, columns)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native",
+                                    "Compiled extractor for audit spans (see _native.c).", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    uint16_t probe = 1;
+    for (int i = 0; i < NMAPPED; i++) MAPPED_LEN[i] = strlen(MAPPED[i]);
+    if (*(uint8_t *)&probe != 1) {
+        PyErr_SetString(PyExc_ImportError, "_native needs a little-endian machine");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *names = PyTuple_New(NCOLS), *layouts = PyTuple_New(NCOLS);
+    if (!names || !layouts) return NULL;
+    for (int i = 0; i < NCOLS; i++) {
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(COLUMN_NAMES[i]));
+        PyTuple_SET_ITEM(layouts, i, PyUnicode_FromString(COLUMN_LAYOUTS[i]));
+    }
+    PyModule_AddObject(m, "COLUMNS", names);
+    PyModule_AddObject(m, "LAYOUTS", layouts);
+    return m;
+}

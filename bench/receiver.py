@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "receiver.json"
@@ -286,12 +287,17 @@ class Service:
         return self.proc.returncode
 
 
-def start_service(data_dir: Path, py_spy: str | None) -> Service:
+def start_service(data_dir: Path, py_spy: str | None,
+                  settings: dict[str, Any] | None = None) -> Service:
     data_dir.mkdir(parents=True, exist_ok=True)
     run_file = data_dir / "run" / "service.json"
     log_path = data_dir.parent / "service.log"
     cmd = [sys.executable, "-m", "phiaudit.receiver", "serve", "--data-dir", str(data_dir),
            "--listen", "127.0.0.1:0"]
+    if settings:
+        config = data_dir.parent / "service.yaml"
+        config.write_text(json.dumps(settings))  # JSON is YAML
+        cmd += ["--config", str(config)]
     if py_spy:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         fmt = "raw" if py_spy.endswith(".txt") else "flamegraph"
@@ -613,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pool-mb", type=int, default=2048,
                    help="memory for pre-serialized requests (default 2048 MiB)")
     p.add_argument("--py-spy", metavar="FILE", help="profile the service with py-spy record")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="a service setting (YAML value), e.g. --set workers=0")
     p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     p.add_argument("--output", default=str(RESULTS), help=f"JSON results ({RESULTS})")
     p.add_argument("--_ceiling-worker", nargs=3, help=argparse.SUPPRESS)
@@ -636,7 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     svc: Service | None = None
     try:
         t0 = time.monotonic()
-        svc = start_service(workdir / "data", args.py_spy)
+        settings = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            settings[key] = yaml.safe_load(value)
+        svc = start_service(workdir / "data", args.py_spy, settings)
         startup_s = time.monotonic() - t0
         time.sleep(1.0)
         rss_idle = svc.status("VmRSS")

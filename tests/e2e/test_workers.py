@@ -68,7 +68,8 @@ def _send(address: str, n: int, tag: str) -> None:
 
 def test_worker_processes_store_the_same_rows(tmp_path: Path) -> None:
     cfg = tmp_path / "svc.yaml"
-    cfg.write_text("workers: 2\nworker_min_bytes: 1\n")
+    # the Python path (the compiled extractor keeps traces in process)
+    cfg.write_text("workers: 2\nworker_min_bytes: 1\nnative_extractor: false\n")
     svc = start_service(tmp_path / "data", "--config", str(cfg))
     try:
         workers = _descendants(svc.proc.pid)

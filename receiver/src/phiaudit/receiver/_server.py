@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import logging
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,33 @@ class _Otlp:
         sender = await self._sender(context)
         if not raw:
             return
+        local = svc.local
+        local.processing += 1  # until submitted, the writer waits for this request's rows
+        try:
+            future = await self._process_and_submit(svc, raw, context, signal, sender)
+        finally:
+            local.processing -= 1
+        if future is None:
+            return
+        wait = svc.config.ack_timeout_ms / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.05, min(wait, remaining - 0.25))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=wait)
+        except TimeoutError:
+            await self._unavailable(context, "not yet committed: retry later")
+        except StorageUnavailable:
+            await self._unavailable(context, "the audit store is unavailable: retry later")
+        except PermanentError:
+            svc.metrics.inc("export_rejected")
+            await context.abort(grpc.StatusCode.INTERNAL, "the store rejected the data")
+        svc.metrics.inc(f"{signal}_acknowledged")
+
+    async def _process_and_submit(self, svc: Service, raw: bytes,
+                                  context: grpc.aio.ServicerContext, signal: str,
+                                  sender: str) -> Future[None] | None:
+        """Parse, extract and queue the request's rows; their commit's future (None: none)."""
         try:
             processed = await svc.process(signal, raw, sender)
         except MalformedRequest:
@@ -128,29 +156,16 @@ class _Otlp:
         if processed.rollup_rows:
             tables["infra_rollups"] = processed.rollup_rows
         if not tables:
-            return
+            return None
         key = hashlib.sha256(signal.encode() + b"|" + raw).digest()
         try:
-            future = svc.writer.submit(key, tables)
+            return svc.writer.submit(key, tables)
         except Overloaded:
             svc.metrics.inc("export_shed")
             await self._unavailable(context, "overloaded: retry later")
         except StorageUnavailable:
             await self._unavailable(context, "the audit store is unavailable: retry later")
-        wait = svc.config.ack_timeout_ms / 1000
-        remaining = context.time_remaining()
-        if remaining is not None:
-            wait = max(0.05, min(wait, remaining - 0.25))
-        try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=wait)
-        except TimeoutError:
-            await self._unavailable(context, "not yet committed: retry later")
-        except StorageUnavailable:
-            await self._unavailable(context, "the audit store is unavailable: retry later")
-        except PermanentError:
-            svc.metrics.inc("export_rejected")
-            await context.abort(grpc.StatusCode.INTERNAL, "the store rejected the data")
-        svc.metrics.inc(f"{signal}_acknowledged")
+        return None  # not reached: _unavailable aborts
 
     async def traces(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await self._export(raw, context, "traces")

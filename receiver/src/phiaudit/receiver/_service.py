@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,11 @@ class _Local:
         # writer (access records of direct reads) does not
         spool = (BatchSpool(self.data_dir / "spool", config.spool_max_bytes)
                  if config.spool_max_bytes > 0 and not writer_suffix else None)
+        #: requests being processed, whose rows the writer will get soon (it waits for them)
+        self.processing = 0
         self.writer = BatchWriter(
             self.store, self.writer_id, TABLES, max_rows=config.batch_max_rows,
+            expecting=lambda: self.processing,
             max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows,
             spool=spool)
         self.writer.start()
@@ -157,12 +160,18 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._processor: RequestProcessor | None = None
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="phiaudit-extract")
         self._checkpointer: Checkpointer | None = None
         self._rules: RuleScheduler | None = None
         self._stopped = False
         self.port = 0
 
     # components the handlers use
+    @property
+    def local(self) -> _Local:
+        assert self._local is not None
+        return self._local
+
     @property
     def writer(self) -> BatchWriter:
         assert self._local is not None
@@ -181,11 +190,20 @@ class Service:
     async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         """Parse, extract and encrypt one request: in a worker when it is large enough."""
         pool = self._pool
-        if pool is not None and len(raw) >= self.config.worker_min_bytes:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        processor = self._processor
+        assert processor is not None
+        # traces with the compiled extractor stay in process (a worker's round trip would cost
+        # more than the extraction); the Python path's large requests go to the workers
+        native = signal == "traces" and processor.native is not None
+        if pool is not None and not native and len(raw) >= self.config.worker_min_bytes:
             return await loop.run_in_executor(pool, work, signal, raw, sender)
-        assert self._processor is not None
-        return self._processor.process(signal, raw, sender)
+        if len(raw) >= 4096:
+            # off the event loop: the compiled extractor releases the GIL, and other requests
+            # are taken meanwhile (the writer then sees them coming and batches them together)
+            return await loop.run_in_executor(self._threads, processor.process, signal, raw,
+                                              sender)
+        return processor.process(signal, raw, sender)
 
     def _start_workers(self) -> None:
         n = self.config.workers
@@ -270,6 +288,7 @@ class Service:
             await self._server.stop(grace)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        self._threads.shutdown(wait=True)
         if self._rules is not None:  # before the checkpointer: its last rows are covered
             await asyncio.get_running_loop().run_in_executor(None, self._rules.shutdown)
         if self._checkpointer is not None:  # before the writer: a last checkpoint

@@ -8,7 +8,9 @@ column holds each row's leaf digest (the other chain columns are placeholders). 
 thread takes everything queued the moment the previous insert finishes (up to ``max_rows``),
 makes each table's rows one Arrow table, links the chained tables' rows to their writer's hash
 chain (new chain columns; the caller's rows are never changed), and inserts each table as one
-Arrow block. The flush interval is a maximum wait, not a pause.
+Arrow block. The flush interval is a maximum wait, not a pause: a batch waits only while the
+caller reports requests still being processed (``expecting``), since their rows would otherwise
+make a part of their own and their clients wait a whole insert longer.
 
 Exactly once across client retries:
 
@@ -234,6 +236,7 @@ class BatchWriter:
         remember_keys: int = 200_000,
         remember_rows: int = 500_000,
         on_commit: Callable[[int], None] | None = None,
+        expecting: Callable[[], int] | None = None,
         spool: BatchSpool | None = None,
     ) -> None:
         self._store = store
@@ -251,6 +254,9 @@ class BatchWriter:
         self._backoff = retry_backoff
         self._remember = remember_keys
         self._on_commit = on_commit
+        # how many requests are being processed and will submit rows soon (the service's
+        # count); while there are any, a batch waits for them (up to max_wait)
+        self._expecting = expecting
         self._spool = spool
         self._next_drain = 0.0
         self._queue: deque[_Item] = deque()
@@ -411,12 +417,18 @@ class BatchWriter:
                     item = self._queue.popleft()
                     batch.append(item)
                     rows += item.nrows
-                # group commit: no pause when there is nothing more to take
-                if rows >= self._max_rows or not self._queue or self._stopping:
+                # group commit: no pause when there is nothing more to take and no request
+                # on its way; with requests being processed, wait for them (each small insert
+                # costs a part and its merges, and their clients would wait for the next one)
+                if rows >= self._max_rows or self._stopping:
+                    break
+                if not self._queue and (self._expecting is None or self._expecting() <= 0):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if not self._queue:
+                    self._cond.wait(min(remaining, 0.01))
             self._queued_rows -= rows
             return batch
 

@@ -4,6 +4,7 @@ deduplication tokens, and request-key deduplication across retries."""
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from typing import Any
 
@@ -127,3 +128,33 @@ def test_unkeyed_submits_to_an_unchained_table_are_never_merged(store: Store) ->
     w.shutdown()
     _, rows = store.query("SELECT count() FROM rule_runs WHERE rule_id = 'unkeyed-probe'")
     assert rows[0][0] == 6
+
+
+def test_a_batch_waits_for_requests_still_being_processed(store: Store,
+                                                          encoder: RecordEncoder) -> None:
+    """Group commit: while the caller reports requests on their way, the writer waits for
+    them (up to max_wait) instead of inserting the first one alone; with none reported it
+    inserts at once."""
+    processing = {"n": 0}
+    w = BatchWriter(store, "test-linger", [SPEC], max_wait=5.0,
+                    expecting=lambda: processing["n"])
+    w.start()
+    try:
+        processing["n"] = 2
+        first = w.submit(None, {"audit_events": _rows(encoder, 3, "l1")})
+        time.sleep(0.3)
+        assert not first.done(), "the batch did not wait for the request being processed"
+        processing["n"] = 1
+        second = w.submit(None, {"audit_events": _rows(encoder, 4, "l2")})
+        processing["n"] = 0
+        second.result(timeout=30)
+        first.result(timeout=30)
+        assert w.stats.batches == 1 and w.stats.last_batch_rows == 7
+
+        # nothing on its way: no wait
+        started = time.monotonic()
+        w.submit(None, {"audit_events": _rows(encoder, 2, "l3")}).result(timeout=30)
+        assert w.stats.batches == 2
+        assert time.monotonic() - started < 4.0, "waited for max_wait with nothing coming"
+    finally:
+        assert w.shutdown()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phiaudit.storage import (
+    BLOCK_LEAVES,
     CHAINED_TABLES,
     GENESIS,
     Anchor,
@@ -31,6 +32,7 @@ from phiaudit.storage import (
     CompactRange,
     PhiAuditError,
     SigningKey,
+    block_roots,
     leaf_hash,
     load_checkpoints,
     origin_for,
@@ -190,10 +192,43 @@ class Checkpointer:
                         self._checkpoint(chain)
                         chain.checkpointed_at = now
 
+    def _follow_blocks(self, chain: _Chain, end: int) -> bool:
+        """Extend the tree by whole blocks of BLOCK_LEAVES rows (size .. end, both multiples
+        of it) checked and folded in ClickHouse: the rows are exactly seq size+1 .. end, each
+        linked to the one before (the first to the tree's head). False when anything is off:
+        the row-by-row path then finds where."""
+        start = chain.tree.size
+        _, rows = self._store.query(
+            f"SELECT count(), min(seq), max(seq), "
+            f"countIf(seq > {{a:UInt64}} + 1 AND (seq != ps + 1 OR prev_hash != p)), "
+            f"argMin(prev_hash, seq), argMax(hash, seq) FROM (SELECT seq, prev_hash, hash, "
+            f"lagInFrame(hash) OVER w AS p, lagInFrame(seq) OVER w AS ps FROM {chain.table} "
+            f"WHERE writer_id = {{w:String}} AND seq > {{a:UInt64}} AND seq <= {{b:UInt64}} "
+            f"WINDOW w AS (ORDER BY seq ROWS BETWEEN 1 PRECEDING AND CURRENT ROW))",
+            {"w": chain.writer_id, "a": start, "b": end}, binary=True)
+        n, lo, hi, unlinked, first_prev, last = rows[0]
+        # the first row has no predecessor in the window: its link is checked against the head
+        if (int(n) != end - start or int(lo) != start + 1 or int(hi) != end
+                or int(unlinked) != 0 or bytes(first_prev) != chain.head):
+            return False
+        roots = block_roots(self._store, chain.table, chain.writer_id, start, end)
+        nodes = [r for r in roots if r is not None]
+        if len(nodes) != len(roots):
+            return False
+        levels = BLOCK_LEAVES.bit_length() - 1
+        for node in nodes:
+            chain.tree.append_subtree(levels, node)
+        chain.head = bytes(last)
+        return True
+
     def _follow(self, chain: _Chain, top: int) -> None:
         """Extend the chain's tree with its new committed, gap-free rows."""
         while not chain.broken_at and chain.tree.size < top:
             start = chain.tree.size
+            if start % BLOCK_LEAVES == 0 and top - start >= BLOCK_LEAVES:
+                end = start + min(top - start, _CHUNK) // BLOCK_LEAVES * BLOCK_LEAVES
+                if self._follow_blocks(chain, end):
+                    continue
             _, rows = self._store.query(
                 f"SELECT seq, prev_hash, hash FROM {chain.table} WHERE writer_id = {{w:String}} "
                 "AND seq > {a:UInt64} AND seq <= {b:UInt64} ORDER BY seq",

@@ -69,7 +69,15 @@ from ._schema import (
 from ._senders import SenderTokens
 from ._spool import BatchSpool, SpoolFull
 from ._store import ENCRYPTED_POLICY, Store, StoreLocation, admin_client, migrate
-from ._verify import CHAINED_TABLES, Finding, VerifyReport, leaf_sql, verify
+from ._verify import (
+    BLOCK_LEAVES,
+    CHAINED_TABLES,
+    Finding,
+    VerifyReport,
+    block_roots,
+    leaf_sql,
+    verify,
+)
 from ._writer import BatchWriter, Overloaded, TableSpec, WriterStats
 
 __all__ = [
@@ -77,6 +85,7 @@ __all__ = [
     "ACTIONS",
     "ALERT_COLUMNS",
     "AUDIT_COLUMNS",
+    "BLOCK_LEAVES",
     "CARE_COLUMNS",
     "CHAINED_TABLES",
     "CHECKPOINT_COLUMNS",
@@ -133,6 +142,7 @@ __all__ = [
     "VerifyReport",
     "WriterStats",
     "admin_client",
+    "block_roots",
     "canonical_encoder",
     "check_statement",
     "consistency_proof",

@@ -300,6 +300,32 @@ def _check_checkpoints(
 
 #: the tree's lowest levels are folded in SQL, in perfect subtrees of 2**_LEVELS leaves
 _LEVELS = 8
+BLOCK_LEAVES = 1 << _LEVELS
+
+
+def block_roots(store: Any, table: str, writer: str, start: int, end: int,
+                ) -> list[bytes | None]:
+    """RFC 6962 roots of the writer's perfect subtrees of 2**_LEVELS chain hashes covering
+    rows ``start+1 .. end`` (``start`` and ``end`` multiples of 2**_LEVELS), folded in
+    ClickHouse (``GROUP BY intDiv(index, 2)`` per level, children ordered by index). A block
+    that does not hold exactly its rows (a row missing or repeated) gets None."""
+    block = 1 << _LEVELS
+    if end <= start:
+        return []
+    q = (f"SELECT seq - 1 AS i0, SHA256(concat(unhex('00'), hash)) AS h0, toUInt64(1) AS c0 "
+         f"FROM {table} WHERE writer_id = {{w:String}} AND seq > {{a:UInt64}} "
+         f"AND seq <= {{b:UInt64}}")
+    for k in range(1, _LEVELS + 1):
+        j = k - 1
+        q = (f"SELECT intDiv(i{j}, 2) AS i{k}, SHA256(concat(unhex('01'), argMin(h{j}, i{j}), "
+             f"argMax(h{j}, i{j}))) AS h{k}, sum(c{j}) AS c{k} FROM ({q}) "
+             f"GROUP BY intDiv(i{j}, 2)")
+    top = _LEVELS
+    _, rows = store.query(f"SELECT i{top}, h{top}, c{top} FROM ({q}) ORDER BY i{top}",
+                          {"w": writer, "a": start, "b": end}, binary=True)
+    got = {int(i): (bytes(h), int(c)) for i, h, c in rows}
+    return [got[k][0] if got.get(k, (b"", 0))[1] == block else None
+            for k in range(start // block, end // block)]
 
 
 def _chain_roots(store: Any, table: str, writer: str, sizes: list[int],
@@ -319,23 +345,8 @@ def _chain_roots(store: Any, table: str, writer: str, sizes: list[int],
     if not sizes:
         return max_seq, {}
     block = 1 << _LEVELS
-    q = (f"SELECT seq - 1 AS i0, SHA256(concat(unhex('00'), hash)) AS h0, toUInt64(1) AS c0 "
-         f"FROM {table} WHERE writer_id = {{w:String}} AND seq BETWEEN 1 AND {{n:UInt64}}")
-    for k in range(1, _LEVELS + 1):
-        j = k - 1
-        q = (f"SELECT intDiv(i{j}, 2) AS i{k}, SHA256(concat(unhex('01'), argMin(h{j}, i{j}), "
-             f"argMax(h{j}, i{j}))) AS h{k}, sum(c{j}) AS c{k} FROM ({q}) "
-             f"GROUP BY intDiv(i{j}, 2)")
     full = sizes[-1] // block * block
-    blocks: list[bytes | None] = []
-    if full:
-        top_level = _LEVELS
-        _, rows = store.query(
-            f"SELECT i{top_level}, h{top_level}, c{top_level} FROM ({q}) ORDER BY i{top_level}",
-            {**w, "n": full}, binary=True)
-        got = {int(i): (bytes(h), int(c)) for i, h, c in rows}
-        blocks = [got[k][0] if got.get(k, (b"", 0))[1] == block else None
-                  for k in range(full // block)]
+    blocks = block_roots(store, table, writer, 0, full)
     partial = sorted({n // block for n in sizes if n % block})
     leaves: dict[int, list[bytes]] = {}
     if partial:

@@ -5,8 +5,9 @@
 Runs the service's own code on the requests ``bench/receiver.py`` sends and times each stage
 separately, single-threaded. Where the compiled extractor is built (and without ``--python``):
 protobuf parse (validation), the compiled extraction and encryption, ``link_arrow`` and
-``Store.insert_arrow``. The Python path: protobuf parse, extraction (``Extractor.traces``), record encoding
-(``RecordEncoder.audit_row``: AES-GCM of the PHI fields, HMAC blind indexes, JSON of ``extra``),
+``Store.insert_arrow``. The Python path: protobuf parse, extraction (``Extractor.traces``),
+record encoding (``RecordEncoder.audit_row``: AES-GCM of the PHI fields, HMAC blind indexes,
+JSON of ``extra``),
 hash chaining (``link_rows``), the row-to-column transpose, and the chDB insert through
 ``Store.insert`` (a real embedded store in a temporary directory). Prints microseconds per
 span and the spans/s each stage alone would allow; writes ``bench/results/stages.json``.

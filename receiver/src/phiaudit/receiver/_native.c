@@ -871,28 +871,25 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
 /* ------------------------------------------------------------------------------------- */
 /* the request walk                                                                      */
 
-static int parse_res(str_t m, res_t *res, attrs_t *tmp) {
+/* Only service.name, host.name and device.id are read, so only their duplicates matter
+   (the last one wins in Python); one pass, no pairwise comparison of the attributes: that
+   was quadratic in their number (minutes for a request of a few hundred kB). */
+static int parse_res(str_t m, res_t *res) {
     rd_t r = {m.p, m.p + m.n};
     fld_t f;
-    int rc;
-    tmp->n = 0;
+    int rc, seen = 0;
     while ((rc = next_field(&r, &f)) == 1) {
         if (f.field != 1) continue;
         if (f.wt != 2) { res->bad = 1; continue; }
-        attr_t a;
-        if (parse_kv(f.s, &a) < 0) return -1;
-        if (attrs_push(tmp, &a)) return -2;
-    }
-    if (rc < 0) return -1;
-    for (size_t i = 0; i < tmp->n; i++) {
-        const attr_t *a = &tmp->a[i];
-        for (size_t j = 0; j < i; j++)
-            if (a->key.n == tmp->a[j].key.n && memcmp(a->key.p, tmp->a[j].key.p, a->key.n) == 0)
-                res->bad = 1;
-        str_t *slot = str_eq(a->key, "service.name") ? &res->service
-                      : str_eq(a->key, "host.name") ? &res->host
-                      : str_eq(a->key, "device.id") ? &res->device : NULL;
-        if (!slot) continue;
+        attr_t one;
+        const attr_t *a = &one;
+        if (parse_kv(f.s, &one) < 0) return -1;
+        int bit = str_eq(a->key, "service.name") ? 1 : str_eq(a->key, "host.name") ? 2
+                  : str_eq(a->key, "device.id") ? 4 : 0;
+        if (!bit) continue;
+        if (seen & bit) res->bad = 1;
+        seen |= bit;
+        str_t *slot = bit == 1 ? &res->service : bit == 2 ? &res->host : &res->device;
         if (a->bad || !(a->kind == K_STR || a->kind == K_BOOL || a->kind == K_INT)) {
             res->bad = 1;
         } else if (a->kind == K_STR) {
@@ -902,7 +899,7 @@ static int parse_res(str_t m, res_t *res, attrs_t *tmp) {
             res->bad = 1;
         }
     }
-    return 0;
+    return rc < 0 ? -1 : 0;
 }
 
 static int parse_span(str_t m, span_t *sp) {
@@ -997,7 +994,6 @@ static int walk(out_t *o, str_t req, walk_t *w) {
     fld_t f;
     int rc;
     int32_t ord = 0;
-    attrs_t rtmp = {0};
     span_t sp;
     memset(&sp, 0, sizeof(sp));
     int result = 0;
@@ -1014,7 +1010,7 @@ static int walk(out_t *o, str_t req, walk_t *w) {
         while ((grc = next_field(&rr, &g)) == 1) {
             if (g.field != 1) continue;
             if (g.wt != 2 || nres++) { res.bad = 1; continue; }
-            int prc = parse_res(g.s, &res, &rtmp);
+            int prc = parse_res(g.s, &res);
             if (prc) { result = prc; goto done; }
         }
         if (grc < 0) { result = -1; goto done; }
@@ -1042,7 +1038,6 @@ static int walk(out_t *o, str_t req, walk_t *w) {
     }
     if (rc < 0) result = -1;
 done:
-    free(rtmp.a);
     free(sp.attrs.a);
     return result;
 }

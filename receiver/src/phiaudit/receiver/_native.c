@@ -211,6 +211,7 @@ static int parse_kv(str_t m, attr_t *a) {
     fld_t f;
     int rc, seen_key = 0, seen_val = 0;
     memset(a, 0, sizeof(*a));
+    a->key.p = (const uint8_t *)""; /* a KeyValue without a key: never a NULL for memcmp */
     while ((rc = next_field(&r, &f)) == 1) {
         if (f.field == 1) {
             if (f.wt != 2 || seen_key++) a->bad = 1;

@@ -885,6 +885,9 @@ static int parse_res(str_t m, res_t *res) {
         attr_t one;
         const attr_t *a = &one;
         if (parse_kv(f.s, &one) < 0) return -1;
+        /* a bad attribute's key may not be protobuf's (a key field twice: the last one wins
+           there, the first one here), so it may be service.name etc. under another key */
+        if (a->bad) { res->bad = 1; continue; }
         int bit = str_eq(a->key, "service.name") ? 1 : str_eq(a->key, "host.name") ? 2
                   : str_eq(a->key, "device.id") ? 4 : 0;
         if (!bit) continue;

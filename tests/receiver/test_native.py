@@ -1,0 +1,247 @@
+"""The compiled extractor (``receiver/_native.c``) against the Python reference.
+
+The Python path (``_extract.Extractor`` + ``RecordEncoder``) is the reference: every span the
+compiled path takes must give exactly the rows Python would store (encrypted columns equal
+once decrypted, ``extra`` JSON byte for byte, blind indexes equal, the ``hash`` column the
+leaf of the row's own values), the spans it leaves must be mapped by Python as if it had
+never run, and it must take the common case. Untrusted bytes must never crash it: that runs in
+a subprocess (``native_fuzz.py``), once more under glibc's malloc checks.
+
+The generator and the comparison are in ``native_corpus.py``. ``NATIVE_TEST_SEED`` and
+``NATIVE_TEST_SCALE`` (environment) vary the corpus for longer runs by hand.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from phiaudit.receiver._extract import Extractor
+from phiaudit.receiver._fast import native_available
+from phiaudit.receiver._process import RequestProcessor, native_for
+from phiaudit.storage import INFRA_COLUMNS
+from tests.conftest import ROOT, cli_env
+from tests.receiver import native_corpus as nc
+
+SEED = int(os.environ.get("NATIVE_TEST_SEED", "20260101"))
+SCALE = float(os.environ.get("NATIVE_TEST_SCALE", "1"))
+
+
+def _require_native() -> None:
+    """Fails in CI (``CI=true``: CI must test the compiled path), skips elsewhere."""
+    ok, why = native_available()
+    if ok:
+        return
+    reason = f"{why} (python receiver/build_native.py --check builds it)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> nc.Keys:
+    _require_native()
+    return nc.Keys.open(tmp_path_factory.mktemp("native") / "data")
+
+
+# ------------------------------------------------------------------------------------------
+# 1. differential, field by field
+
+
+def test_compiled_rows_equal_python_rows_field_by_field(keys: nc.Keys) -> None:
+    requests = nc.corpus(SEED, int(400 * SCALE))
+    nonces: list[bytes] = []
+    outcomes = [nc.differential(keys, r.raw, f"request {i} (seed {SEED})", nonces)
+                for i, r in enumerate(requests)]
+    t = nc.tally(requests, outcomes)
+    seen, taken = t["seen"], t["taken"]
+    spans = sum(seen.values())
+    assert spans > 5000, "the corpus is too small to say anything"
+
+    # the generator produced every shape (it did not quietly degrade)
+    shapes = {s.split(":", 1)[1].removesuffix("(odd resource)") for s in t["shape_seen"]}
+    for name, _ in [*nc.OK_SHAPES, *nc.PY_SHAPES, *nc.ANY_SHAPES]:
+        assert name in shapes, f"no span of shape {name} in the corpus"
+
+    # the compiled path took the common case (all of it, in fact) ...
+    assert sum(o.native_none for o in outcomes) == 0, "requests the compiled path refused"
+    assert seen["plain"] > 1000 and taken["plain"] >= 0.95 * seen["plain"], \
+        f"plain audit spans taken: {taken['plain']} of {seen['plain']}"
+    assert taken["ok"] >= 0.9 * seen["ok"], f"mapped shapes taken: {taken['ok']} of {seen['ok']}"
+    # ... and left every shape it does not map to Python
+    wrongly = {s: n for s, n in t["shape_taken"].items() if s.startswith("python:") and n}
+    assert taken["python"] == 0, f"shapes the compiled path should leave to Python: {wrongly}"
+
+    # AES-GCM: never a nonce twice
+    assert len(nonces) > 10_000
+    assert len(set(nonces)) == len(nonces), "a GCM nonce was used twice"
+
+
+# ------------------------------------------------------------------------------------------
+# 2. through RequestProcessor
+
+
+def _dict_rows(audit: Any) -> list[dict[str, Any]]:
+    if isinstance(audit, pa.Table):
+        return nc.table_rows(audit)
+    return [dict(zip(nc.NAMES, row, strict=True)) for row in audit]
+
+
+def _clear_infra(keys: nc.Keys, rows: list[list[Any]]) -> list[list[Any]]:
+    """Infra rows with their encrypted columns decrypted and without the leaf."""
+    enc = {i for i, c in enumerate(INFRA_COLUMNS) if c.kind == "encrypted"}
+    out = []
+    for row in rows:
+        eid = row[0].bytes if isinstance(row[0], uuid.UUID) else row[0]
+        out.append([keys.cipher.decrypt(INFRA_COLUMNS[i].name, v, eid) if i in enc else v
+                    for i, v in enumerate(row[:-1])])
+    return out
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Both processors read the same clock (received_time, absurd-time checks)."""
+    monkeypatch.setattr(time, "time_ns", lambda: nc.NOW_US * 1000 + 123)
+    yield
+
+
+def test_request_processor_same_rows_with_and_without_the_compiled_path(
+        keys: nc.Keys, fixed_clock: None) -> None:
+    sensitive = ["http.request.header.authorization", "app.*"]
+    native = native_for(keys.ring)
+    assert native is not None
+    fast = RequestProcessor(keys.encoder, Extractor(sensitive), native=native)
+    slow = RequestProcessor(keys.encoder, Extractor(sensitive), native=None)
+    took = 0
+    for i, req in enumerate(nc.corpus(SEED + 1, int(80 * SCALE))):
+        where = f"request {i} (seed {SEED + 1})"
+        a = fast.process("traces", req.raw, "sender")
+        b = slow.process("traces", req.raw, "sender")
+        assert isinstance(a.audit_rows, pa.Table)
+        a.audit_rows.validate(full=True)
+        nc.compare_rows(keys, _dict_rows(b.audit_rows), _dict_rows(a.audit_rows), where)
+        assert a.trace_rows == b.trace_rows, where
+        assert _clear_infra(keys, a.infra_rows) == _clear_infra(keys, b.infra_rows), where
+        assert a.rollup_rows == b.rollup_rows, where
+        sa = dict(a.stats)
+        took += sa.pop("native_spans", 0)
+        assert sa == b.stats, where
+    assert fast.native_failures == 0
+    assert took > 300, f"the compiled path took {took} spans"
+
+
+def test_concurrent_calls_give_the_same_rows(keys: nc.Keys) -> None:
+    """The service calls the compiled path from several threads (it runs without the GIL)."""
+    raws = [r.raw for r in nc.corpus(SEED + 2, 40)]
+
+    def run(raw: bytes) -> list[dict[str, Any]]:
+        got = keys.native.extract(raw, nc.SENDER, nc.NOW_US)
+        assert got is not None
+        return nc.table_rows(got[0])
+
+    alone = [run(raw) for raw in raws]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, raws * 4))
+    for i, rows in enumerate(together):
+        nc.compare_rows(keys, alone[i % len(raws)], rows, f"request {i % len(raws)} (threads)")
+
+
+# ------------------------------------------------------------------------------------------
+# 3. untrusted bytes, in subprocesses
+
+
+def _malloc_debug_env() -> dict[str, str]:
+    """glibc's heap checks: MALLOC_CHECK_ needs libc_malloc_debug preloaded since glibc 2.34;
+    MALLOC_PERTURB_ fills allocated and freed memory with a pattern."""
+    env = {"MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    libs = sorted(glob.glob("/usr/lib/*/libc_malloc_debug.so.0")
+                  + glob.glob("/lib/*/libc_malloc_debug.so.0")
+                  + glob.glob("/usr/lib64/libc_malloc_debug.so.0"))
+    if libs:
+        env["LD_PRELOAD"] = libs[0]
+        env["GLIBC_TUNABLES"] = "glibc.malloc.check=3:glibc.malloc.perturb=165"
+    return env
+
+
+def _ubsan_build(out_dir: Path) -> Path | None:
+    """The extension built with UndefinedBehaviorSanitizer (aborting on the first report), or
+    None where that cannot be built (no compiler or no sanitizer runtime): an extra check."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    out = out_dir / ("_native" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    source = ROOT / "receiver" / "src" / "phiaudit" / "receiver" / "_native.c"
+    cmd = [*shlex.split(cc), "-O1", "-g", "-fPIC", "-shared", "-fno-omit-frame-pointer",
+           "-fsanitize=undefined", "-fno-sanitize-recover=undefined",
+           f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(out), "-lcrypto"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out if proc.returncode == 0 else None
+
+
+def test_untrusted_bytes_never_crash_and_agree_with_python(tmp_path: Path) -> None:
+    _require_native()
+    fuzz = [sys.executable, "-m", "tests.receiver.native_fuzz"]
+    procs = {"fuzz": subprocess.Popen(
+        [*fuzz, "--data-dir", str(tmp_path / "fuzz"), "--seed", str(SEED), "--scale",
+         str(SCALE), "--seconds", "14"],
+        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    # the second run: glibc's heap checks, and (where it builds) a UBSan build of the extension
+    extra = _malloc_debug_env()
+    name = "fuzz under malloc checks"
+    ubsan = _ubsan_build(tmp_path)
+    if ubsan is not None:
+        extra.update(NATIVE_TEST_SO=str(ubsan), UBSAN_OPTIONS="print_stacktrace=1:abort_on_error=1")
+        name += " and UBSan"
+    procs[name] = subprocess.Popen(
+        [*fuzz, "--data-dir", str(tmp_path / "malloc"), "--seed", str(SEED + 7), "--scale",
+         str(0.25 * SCALE), "--seconds", "8"],
+        cwd=ROOT, env=cli_env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    results = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=240)
+            results[name] = (proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, (rc, out, err) in results.items():
+        tail = "\n".join(err.strip().splitlines()[-25:])
+        assert rc >= 0, f"{name}: killed by signal {-rc} (a crash in the compiled path)\n{tail}"
+        lines = out.strip().splitlines()
+        assert lines, f"{name}: no summary (exit {rc})\n{tail}"
+        summary = json.loads(lines[-1])
+        assert rc == 0 and not summary["failures"] and not summary["slow"], \
+            f"{name}: exit {rc}\n" + json.dumps(
+                {k: summary.get(k) for k in ("failures", "slow", "python_errors")}, indent=1) \
+            + f"\n{tail}"
+        assert not summary["python_errors"]
+
+        def total(suffix: str, s: dict[str, Any] = summary) -> int:
+            return sum(v for k, v in s.items() if k.endswith(suffix) and isinstance(v, int))
+
+        # the run did what it says: many calls, many compared with Python, rows among them
+        assert summary["truncate.calls"] > 1000, name
+        assert total(".calls") > (1000 if "malloc" in name else 5000), name
+        assert summary.get("structured.compared", 0) > (50 if "malloc" in name else 300), name
+        assert summary["native_spans_compared"] > 100, name

@@ -932,6 +932,8 @@ static int parse_span(str_t m, span_t *sp) {
             if (f.wt != 2) { sp->bad = 1; break; }
             attr_t a;
             if (parse_kv(f.s, &a) < 0) return -1;
+            /* past MAX_ATTRS the span is left to Python: keep no more than that many */
+            if (sp->attrs.n > MAX_ATTRS) { sp->bad = 1; break; }
             if (attrs_push(&sp->attrs, &a)) return -2;
             break;
         }

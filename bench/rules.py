@@ -231,8 +231,6 @@ def _measure(data_dir: Path, events: int, days: int, minutes: int) -> dict[str, 
         ALERT_COLUMNS,
         RULE_RUN_COLUMNS,
         BatchWriter,
-        BlindIndex,
-        FieldCipher,
         KeyRing,
         RecordEncoder,
         Store,
@@ -242,7 +240,7 @@ def _measure(data_dir: Path, events: int, days: int, minutes: int) -> dict[str, 
 
     store = Store.open(StoreLocation(data_dir=data_dir))
     ring = KeyRing.open(data_dir)
-    encoder = RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+    encoder = RecordEncoder.for_ring(ring)
     writer = BatchWriter(store, "bench-rules", [
         TableSpec("alerts", ALERT_COLUMNS, chained=True, dedup_column="alert_id"),
         TableSpec("rule_runs", RULE_RUN_COLUMNS, chained=False),

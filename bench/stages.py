@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from phiaudit.receiver import DEFAULT_SENSITIVE_ATTRIBUTES, Extractor
     from phiaudit.storage import (
         AUDIT_COLUMNS,
-        BlindIndex,
         ChainState,
-        FieldCipher,
         KeyRing,
         RecordEncoder,
         Store,
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = work / "data"
         data_dir.mkdir()
         keys = KeyRing.open(data_dir)
-        encoder = RecordEncoder(FieldCipher(keys), BlindIndex(keys))
+        encoder = RecordEncoder.for_ring(keys)
         extractor = Extractor(list(DEFAULT_SENSITIVE_ATTRIBUTES))
         location = StoreLocation(data_dir=data_dir)
         migrate(location)
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if native_available()[0] and not args.python:
             import pyarrow as pa
 
-            from phiaudit.storage._writer import link_arrow
+            from phiaudit.storage import link_arrow
             native = NativeTraces(ColumnKeys.from_ring(keys))
             link_arrow(ChainState("warm-up"), native.extract(  # pyarrow's first cast: ~0.3 s
                 raws[0], "anonymous", time.time_ns() // 1000)[0])

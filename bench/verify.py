@@ -27,12 +27,10 @@ from typing import Any
 from phiaudit.storage import (
     AUDIT_COLUMNS,
     AuditEvent,
-    BlindIndex,
     ChainState,
     Checkpoint,
     CompactRange,
     DirectoryAnchor,
-    FieldCipher,
     KeyRing,
     RecordEncoder,
     SigningKey,
@@ -107,7 +105,7 @@ def main() -> None:
         migrate(loc)
         store = Store.open(loc)
         ring = KeyRing.open(data_dir)
-        encoder = RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+        encoder = RecordEncoder.for_ring(ring)
         key = SigningKey.open(data_dir)
         anchor = DirectoryAnchor(Path(tmp) / "data.anchor", data_dir)
         anchor.put_public_key(key.key_id, key.public)

@@ -31,7 +31,6 @@ from phiaudit.storage import (
     AuditEvent,
     BatchWriter,
     BlindIndex,
-    FieldCipher,
     InfraEvent,
     KeyRing,
     RecordEncoder,
@@ -104,7 +103,7 @@ def open_env(root: Path) -> Env:
         TableSpec("rule_runs", RULE_RUN_COLUMNS, False),
     ], max_wait=0.01)
     writer.start()
-    return Env(store, writer, RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
+    return Env(store, writer, RecordEncoder.for_ring(ring),
                BlindIndex(ring))
 
 

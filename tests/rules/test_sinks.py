@@ -32,9 +32,7 @@ from phiaudit.storage import (
     DELIVERY_COLUMNS,
     Alert,
     BatchWriter,
-    BlindIndex,
     ConfigError,
-    FieldCipher,
     KeyRing,
     RecordEncoder,
     Store,
@@ -92,7 +90,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         TableSpec("alerts", ALERT_COLUMNS, chained=True, dedup_column="alert_id"),
         TableSpec("alert_deliveries", DELIVERY_COLUMNS, chained=False)])
     writer.start()
-    yield Env(store, writer, RecordEncoder(FieldCipher(ring), BlindIndex(ring)))
+    yield Env(store, writer, RecordEncoder.for_ring(ring))
     writer.shutdown()
     store.close()
 

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from phiaudit.storage import (
-    BlindIndex,
-    FieldCipher,
     KeyRing,
     RecordEncoder,
     Store,
@@ -37,4 +35,4 @@ def store(data_dir: Path) -> Iterator[Store]:
 @pytest.fixture(scope="module")
 def encoder(data_dir: Path) -> RecordEncoder:
     ring = KeyRing.open(data_dir)
-    return RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+    return RecordEncoder.for_ring(ring)

@@ -19,8 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from phiaudit.storage import AUDIT_COLUMNS, ColumnKeys
-from phiaudit.storage._arrow import arrow_schema
+from phiaudit.storage import AUDIT_COLUMNS, ColumnKeys, arrow_schema
 
 __all__ = ["NativeTraces", "native_available"]
 

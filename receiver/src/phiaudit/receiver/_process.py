@@ -25,13 +25,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from phiaudit.storage import (
     AUDIT_COLUMNS,
-    BlindIndex,
     ColumnKeys,
-    FieldCipher,
     KeyRing,
     RecordEncoder,
+    unlinked_table,
 )
-from phiaudit.storage._arrow import arrow_table
 
 from ._extract import Extracted, Extractor
 from ._fast import NativeTraces, native_available
@@ -40,7 +38,6 @@ from ._infra import InfraConfig, roll_up
 __all__ = ["MalformedRequest", "Processed", "RequestProcessor", "init_worker", "work"]
 
 _log = logging.getLogger("phiaudit.receiver")
-_NO_HASH = b"\x00" * 32
 
 
 class MalformedRequest(Exception):
@@ -70,7 +67,7 @@ class RequestProcessor:
                      infra: dict[str, Any] | None = None,
                      native: bool = True) -> RequestProcessor:
         ring = KeyRing.open(data_dir, create=False)
-        return cls(RecordEncoder(FieldCipher(ring), BlindIndex(ring)),
+        return cls(RecordEncoder.for_ring(ring),
                    Extractor(sensitive, InfraConfig.from_mapping(infra or {})),
                    native_for(ring) if native else None)
 
@@ -97,10 +94,8 @@ class RequestProcessor:
         else:
             extracted = self.extractor.traces(request, sender, skip=skip, now_us=now_us)
         if extracted.audit:
-            rows = [self.encoder.audit_row(ev) for ev in extracted.audit]
-            for row in rows:  # the writer links them; prev_hash is a FixedString(32)
-                row[-2] = _NO_HASH
-            rest = arrow_table(AUDIT_COLUMNS, rows)
+            rest = unlinked_table(AUDIT_COLUMNS, [self.encoder.audit_row(ev)
+                                                  for ev in extracted.audit])
             table = pa.concat_tables([table, rest]) if table.num_rows else rest
         stats = extracted.stats
         stats.audit_events += len(skip)

@@ -300,8 +300,6 @@ def _cmd_test(args: argparse.Namespace) -> int:
         AccessRecord,
         AuditEvent,
         BatchWriter,
-        BlindIndex,
-        FieldCipher,
         InfraEvent,
         KeyRing,
         RecordEncoder,
@@ -423,7 +421,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
         data = tmp / "data"
         data.mkdir(mode=0o700)
         ring = KeyRing.open(data)
-        encoder = RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+        encoder = RecordEncoder.for_ring(ring)
         location = StoreLocation(data_dir=data, url=None, database="phiaudit",
                                  ca_file=None, disk_encryption=False)
         migrate(location)

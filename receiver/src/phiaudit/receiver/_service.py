@@ -34,10 +34,8 @@ from phiaudit.storage import (
     AccessRecord,
     BatchSpool,
     BatchWriter,
-    BlindIndex,
     ConfigError,
     Credentials,
-    FieldCipher,
     KeyRing,
     QueryGateway,
     RecordEncoder,
@@ -102,7 +100,7 @@ class _Local:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.data_dir, 0o700)
         self.keys = KeyRing.open(self.data_dir)
-        self.encoder = RecordEncoder(FieldCipher(self.keys), BlindIndex(self.keys))
+        self.encoder = RecordEncoder.for_ring(self.keys)
         self.credentials = Credentials(self.data_dir)
         self.admin_token_file = self.credentials.ensure_admin()
         self.location = StoreLocation(

@@ -121,9 +121,7 @@ def _authorize(args: argparse.Namespace, store: Any, ddir: Path, what: str) -> A
         AccessDenied,
         AccessRecord,
         BatchWriter,
-        BlindIndex,
         Credentials,
-        FieldCipher,
         KeyRing,
         Principal,
         RecordEncoder,
@@ -148,7 +146,7 @@ def _authorize(args: argparse.Namespace, store: Any, ddir: Path, what: str) -> A
 
     def record(rows: int) -> None:
         ring = KeyRing.open(ddir, create=False)
-        encoder = RecordEncoder(FieldCipher(ring), BlindIndex(ring))
+        encoder = RecordEncoder.for_ring(ring)
         writer = BatchWriter(store, writer_identity(ddir) + "/cli",
                              [TableSpec("access_log", ACCESS_LOG_COLUMNS, chained=True)])
         writer.start()

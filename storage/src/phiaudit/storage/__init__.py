@@ -5,6 +5,7 @@ Imports nothing else of phiaudit. The service (``phiaudit.receiver``) and the ru
 (``phiaudit.rules``) build on it.
 """
 
+from ._arrow import arrow_schema
 from ._chain import GENESIS, ChainState, canonical_encoder, link_rows
 from ._checkpoint import (
     Anchor,
@@ -78,7 +79,7 @@ from ._verify import (
     leaf_sql,
     verify,
 )
-from ._writer import BatchWriter, Overloaded, TableSpec, WriterStats
+from ._writer import BatchWriter, Overloaded, TableSpec, WriterStats, link_arrow, unlinked_table
 
 __all__ = [
     "ACCESS_LOG_COLUMNS",
@@ -142,6 +143,7 @@ __all__ = [
     "VerifyReport",
     "WriterStats",
     "admin_client",
+    "arrow_schema",
     "block_roots",
     "canonical_encoder",
     "check_statement",
@@ -152,6 +154,7 @@ __all__ = [
     "key_wrapper",
     "leaf_hash",
     "leaf_sql",
+    "link_arrow",
     "link_rows",
     "load_checkpoints",
     "migrate",
@@ -160,6 +163,7 @@ __all__ = [
     "public_keys",
     "root_hash",
     "store_checkpoint",
+    "unlinked_table",
     "verify",
     "verify_consistency",
     "verify_inclusion",

@@ -15,7 +15,7 @@ from hashlib import sha256
 from typing import Any
 
 from ._chain import canonical_encoder
-from ._crypto import BlindIndex, FieldCipher
+from ._crypto import BlindIndex, FieldCipher, KeyRing
 from ._schema import ACCESS_LOG_COLUMNS, ALERT_COLUMNS, AUDIT_COLUMNS, INFRA_COLUMNS
 
 _json = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
@@ -146,6 +146,11 @@ class RecordEncoder:
         self._access_leaf = canonical_encoder(ACCESS_LOG_COLUMNS)
         self._infra_leaf = canonical_encoder(INFRA_COLUMNS)
         self._alert_leaf = canonical_encoder(ALERT_COLUMNS)
+
+    @classmethod
+    def for_ring(cls, ring: KeyRing) -> RecordEncoder:
+        """The encoder of a key ring's active data and index keys."""
+        return cls(FieldCipher(ring), BlindIndex(ring))
 
     def audit_row(self, ev: AuditEvent) -> list[Any]:
         enc = self.cipher.encrypt

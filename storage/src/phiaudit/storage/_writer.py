@@ -48,7 +48,8 @@ from ._errors import PermanentError, StorageUnavailable
 from ._schema import Column
 from ._spool import BatchSpool, SpoolFull
 
-__all__ = ["BatchWriter", "Overloaded", "Rows", "TableSpec", "WriterStats", "link_arrow"]
+__all__ = ["BatchWriter", "Overloaded", "Rows", "TableSpec", "WriterStats", "link_arrow",
+           "unlinked_table"]
 
 #: The rows of one table in a ``submit``: a list of rows, or an Arrow table.
 Rows: TypeAlias = "Sequence[Sequence[Any]] | pa.Table"
@@ -177,6 +178,33 @@ def link_arrow(state: ChainState, table: pa.Table) -> tuple[pa.Table, int, bytes
     return table, seq, head
 
 
+_leaf_plans: dict[tuple[str, ...], tuple[Callable[[Sequence[Any]], bytes], int, int]] = {}
+
+
+def unlinked_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]]) -> pa.Table:
+    """Rows of a chained table (in ``columns`` order) as the Arrow table ``submit`` takes: the
+    ``hash`` column holds each row's leaf digest, the other chain columns are filled when the
+    writer links them. A row not linked yet (seq 0) carries its leaf in the hash slot, computed
+    where it was built (``RecordEncoder``); any other row's leaf is computed here."""
+    key = tuple(c.name for c in columns)
+    plan = _leaf_plans.get(key)
+    if plan is None:
+        plan = _leaf_plans[key] = (canonical_encoder(columns), key.index("seq"),
+                                   key.index("hash"))
+    enc, i_s, i_h = plan
+    sha = hashlib.sha256
+    leaves = b"".join([r[i_h] if r[i_s] == 0 and len(r[i_h]) == 32
+                       else sha(enc(r)).digest() for r in rows])
+    n = len(rows)
+    if len(leaves) != 32 * n:
+        raise ValueError("a leaf digest is not 32 bytes")
+    schema = arrow_schema(columns)
+    given = {name: pa.nulls(n, schema.field(name).type)  # filled by link_arrow
+             for name in ("writer_id", "seq", "prev_hash")}
+    given["hash"] = _fixed32(leaves, n)
+    return arrow_table(columns, rows, given=given)
+
+
 class _RecentIds:
     """The ids committed recently (bytes): at least the newest ``limit`` of them.
 
@@ -242,11 +270,6 @@ class BatchWriter:
         self._store = store
         self.writer_id = writer_id
         self._specs = {t.name: t for t in tables}
-        self._encoders = {t.name: canonical_encoder(t.columns) for t in tables if t.chained}
-        self._seq_index = {t.name: [c.name for c in t.columns].index("seq")
-                           for t in tables if t.chained}
-        self._hash_index = {t.name: [c.name for c in t.columns].index("hash")
-                            for t in tables if t.chained}
         self._states: dict[str, ChainState] = {}
         self._max_rows = max_rows
         self._max_wait = max_wait
@@ -573,24 +596,9 @@ class BatchWriter:
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
     def _rows_table(self, spec: TableSpec, rows: list[Sequence[Any]]) -> pa.Table:
-        """Rows to Arrow; a chained table's ``hash`` column gets each row's leaf digest."""
         if not spec.chained:
             return arrow_table(spec.columns, rows)
-        # a row not linked yet (seq 0) carries its leaf in the hash slot, computed where it
-        # was built; any other row's leaf is computed here
-        enc = self._encoders[spec.name]
-        i_s, i_h = self._seq_index[spec.name], self._hash_index[spec.name]
-        sha = hashlib.sha256
-        leaves = b"".join([r[i_h] if r[i_s] == 0 and len(r[i_h]) == 32
-                           else sha(enc(r)).digest() for r in rows])
-        n = len(rows)
-        if len(leaves) != 32 * n:
-            raise ValueError("a leaf digest is not 32 bytes")
-        schema = arrow_schema(spec.columns)
-        given = {name: pa.nulls(n, schema.field(name).type)  # filled by link_arrow
-                 for name in ("writer_id", "seq", "prev_hash")}
-        given["hash"] = _fixed32(leaves, n)
-        return arrow_table(spec.columns, rows, given=given)
+        return unlinked_table(spec.columns, rows)
 
     def _fresh(self, spec: TableSpec, data: pa.Table,
                recent: _RecentIds) -> tuple[pa.Table, list[Any], int]:

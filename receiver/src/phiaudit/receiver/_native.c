@@ -265,10 +265,14 @@ static int str_eq(str_t s, const char *lit) {
     return s.n == n && memcmp(s.p, lit, n) == 0;
 }
 
-static const attr_t *find(const attrs_t *as, const char *key) {
-    for (size_t i = 0; i < as->n; i++)
-        if (str_eq(as->a[i].key, key)) return &as->a[i];
-    return NULL;
+static const char HEX[] = "0123456789abcdef";
+
+/* lower-case hex of n bytes into out (2n chars) */
+static void hex_into(char *out, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = HEX[p[i] >> 4];
+        out[2 * i + 1] = HEX[p[i] & 15];
+    }
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -468,15 +472,11 @@ static int hmac(out_t *o, const char *domain, const uint8_t *v, size_t n, uint8_
 }
 
 static int put_bidx(out_t *o, int c, const char *domain, str_t v) {
-    static const char hexd[] = "0123456789abcdef";
     if (v.n == 0) return put_str(o, c, "", 0);
     uint8_t mac[32];
     char hex[32];
     if (hmac(o, domain, v.p, v.n, mac)) return -1;
-    for (int i = 0; i < 16; i++) {
-        hex[2 * i] = hexd[mac[i] >> 4];
-        hex[2 * i + 1] = hexd[mac[i] & 15];
-    }
+    hex_into(hex, mac, 16);
     return put_str(o, c, hex, 32);
 }
 
@@ -519,7 +519,6 @@ static int put_enc(out_t *o, int c, const char *column, const uint8_t eid[16], c
 
 /* JSON string as Python's json with ensure_ascii=False writes it */
 static int json_str(gbuf *b, const uint8_t *p, size_t n) {
-    static const char hexd[] = "0123456789abcdef";
     if (gb_putc(b, '"')) return -1;
     for (size_t i = 0; i < n; i++) {
         uint8_t c = p[i];
@@ -537,7 +536,7 @@ static int json_str(gbuf *b, const uint8_t *p, size_t n) {
         if (esc) {
             if (gb_put(b, esc, 2)) return -1;
         } else if (c < 0x20) {
-            char u[6] = {'\\', 'u', '0', '0', hexd[c >> 4], hexd[c & 15]};
+            char u[6] = {'\\', 'u', '0', '0', HEX[c >> 4], HEX[c & 15]};
             if (gb_put(b, u, 6)) return -1;
         } else if (gb_putc(b, (char)c)) {
             return -1;
@@ -564,6 +563,8 @@ static const int64_t MIN_TIME_US = 946684800000000LL;
 static const int64_t FUTURE_SLACK_US = 24LL * 3600 * 1000000;
 #define MAX_PATIENTS 10000
 #define MAX_ATTRS 128
+#define MAX_ROLES 256
+#define MAX_ID 64 /* bytes of a trace or span id */
 
 /* 1: rows emitted; 0: not eligible; -1: error (memory / crypto) */
 static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
@@ -612,6 +613,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         }
         return 0;
     }
+    if (sp->trace_id.n > MAX_ID || sp->span_id.n > MAX_ID) return 0;
     int64_t t_us = (int64_t)(sp->start / 1000);
     if (sp->start > (uint64_t)INT64_MAX || t_us < MIN_TIME_US || t_us > o->now_us + FUTURE_SLACK_US)
         return 0;
@@ -698,7 +700,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
     if (gb_putc(x, '}')) return -1;
 
     /* roles (list) */
-    str_t role_items[MAX_PATIENTS > 256 ? 256 : MAX_PATIENTS];
+    str_t role_items[MAX_ROLES];
     size_t nroles = 0;
     if (roles && roles->kind == K_ARRAY) {
         rd_t r = {roles->s.p, roles->s.p + roles->s.n};
@@ -709,7 +711,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
             attr_t v;
             memset(&v, 0, sizeof(v));
             parse_any(f.s, &v);
-            if (nroles >= 256) return 0;
+            if (nroles >= MAX_ROLES) return 0;
             role_items[nroles++] = v.s; /* every item is a string: checked above */
         }
     } else if (roles && roles->s.n > 0) {
@@ -721,7 +723,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
             while (a < b && *a == ' ') a++;
             while (b > a && b[-1] == ' ') b--;
             if (b > a) {
-                if (nroles >= 256) return 0;
+                if (nroles >= MAX_ROLES) return 0;
                 role_items[nroles++] = (str_t){a, (size_t)(b - a)};
             }
             p = q + 1;
@@ -739,19 +741,10 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         one = patient->s;
         npat = 1;
     }
-    static const char hexd[] = "0123456789abcdef";
-    char tid_hex[2 * 64], sid_hex[2 * 64];
-    size_t tn = sp->trace_id.n > 64 ? 64 : sp->trace_id.n;
-    size_t sn = sp->span_id.n > 64 ? 64 : sp->span_id.n;
-    if (sp->trace_id.n > 64 || sp->span_id.n > 64) return 0;
-    for (size_t i = 0; i < tn; i++) {
-        tid_hex[2 * i] = hexd[sp->trace_id.p[i] >> 4];
-        tid_hex[2 * i + 1] = hexd[sp->trace_id.p[i] & 15];
-    }
-    for (size_t i = 0; i < sn; i++) {
-        sid_hex[2 * i] = hexd[sp->span_id.p[i] >> 4];
-        sid_hex[2 * i + 1] = hexd[sp->span_id.p[i] & 15];
-    }
+    char tid_hex[2 * MAX_ID], sid_hex[2 * MAX_ID];
+    size_t tn = sp->trace_id.n, sn = sp->span_id.n; /* at most MAX_ID: checked above */
+    hex_into(tid_hex, sp->trace_id.p, tn);
+    hex_into(sid_hex, sp->span_id.p, sn);
     size_t index = 0;
     for (;;) {
         str_t pat = {(const uint8_t *)"", 0};
@@ -788,8 +781,8 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         char uuid[36];
         for (int i = 0, k = 0; i < 16; i++) {
             if (i == 4 || i == 6 || i == 8 || i == 10) uuid[k++] = '-';
-            uuid[k++] = hexd[eid[i] >> 4];
-            uuid[k++] = hexd[eid[i] & 15];
+            uuid[k++] = HEX[eid[i] >> 4];
+            uuid[k++] = HEX[eid[i] & 15];
         }
         o->canon.len = 0;
         int64_t now = o->now_us;
@@ -804,7 +797,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         if (put_str(o, C_ACTOR_TYPE, actor_type.p, actor_type.n)) return -1;
         {   /* actor_roles: list of binary; canonical: netstring of the items' netstrings */
             col_t *c = &o->c[C_ACTOR_ROLES];
-            size_t mark = o->canon.len, inner = 0;
+            size_t inner = 0;
             for (size_t i = 0; i < nroles; i++) {
                 if (gb_put(&c->data, role_items[i].p, role_items[i].n)) return -1;
                 if (put_off(&c->child_offs, c->data.len)) return -1;
@@ -818,7 +811,6 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
             if (gb_put(&o->canon, num, k)) return -1;
             for (size_t i = 0; i < nroles; i++)
                 if (canon_ns(o, role_items[i].p, role_items[i].n)) return -1;
-            (void)mark;
         }
         if (put_str(o, C_SERVICE_NAME, res->service.p, res->service.n)) return -1;
         if (put_str(o, C_HOST_NAME, res->host.p, res->host.n)) return -1;

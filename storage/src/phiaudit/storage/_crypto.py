@@ -398,12 +398,13 @@ class ColumnKeys:
     """The active data and index keys, for the receiver's compiled extractor, which encrypts
     and indexes in the stored layout of ``FieldCipher`` and ``BlindIndex``: ``01 || key id
     (4, big-endian) || event id (16) || nonce (12) || ciphertext || tag`` with AAD
-    ``aad_prefix || column || "|" || event id``. For code inside this process; never printed."""
+    ``"phiaudit:v1|" || column || "|" || event id`` (the extractor writes the prefix itself; a
+    test decrypts its output with ``FieldCipher``). For code inside this process; never
+    printed."""
 
     key_id: int
     data_key: bytes
     index_key: bytes
-    aad_prefix: bytes = _AAD_PREFIX
 
     def __repr__(self) -> str:
         return f"ColumnKeys(key_id={self.key_id}, [REDACTED])"

@@ -340,6 +340,66 @@ def test_spool_drains_while_running(store: Store, encoder: RecordEncoder,
     _verified(store, writer, 8)
 
 
+def _spooled_while_down(store: Store, writer: str, rows: list[list[Any]],
+                        spool_dir: Path) -> BatchSpool:
+    """One acknowledged block in the spool of a writer whose store was down."""
+    flaky = _FailingStore(store)
+    flaky.down = True
+    spool = BatchSpool(spool_dir, 0)
+    w = BatchWriter(flaky, writer, [SPEC], retry_backoff=(0.01, 0.05), spool=spool)
+    w.start()
+    w.submit(b"k", {"audit_events": _arrow(rows)}).result(30)
+    assert w.shutdown()
+    assert len(spool) == 1 and not _stored(store, writer)
+    return spool
+
+
+def test_a_spooled_block_already_stored_is_not_inserted_again(
+        store: Store, encoder: RecordEncoder, tmp_path: Path) -> None:
+    """A crash between a spooled block's insert and its removal: the restart finds the block
+    in the store by the chain head and drops it from the spool, even where ClickHouse's
+    deduplication log would not catch the second insert (here: it went in under another
+    token)."""
+    writer = "spool-stored"
+    a = _rows(encoder, 5, "stored-a")
+    spool = _spooled_while_down(store, writer, a, tmp_path / "spool")
+    entry = spool.entries()[0]
+    store.insert_arrow("audit_events", entry.read(), "inserted-before-the-crash")
+    w = BatchWriter(store, writer, [SPEC], spool=BatchSpool(tmp_path / "spool", 0))
+    w.start()
+    assert (w.stats.skipped_blocks, w.stats.drained_blocks) == (1, 0)
+    b = _rows(encoder, 2, "stored-b")
+    w.submit(b"k2", {"audit_events": _arrow(b)}).result(30)
+    assert w.shutdown()
+    assert w.spool_bytes == 0
+    assert _stored(store, writer) == _expected(writer, a + b)
+    _verified(store, writer, 7)
+
+
+def test_a_spooled_block_dropped_as_a_duplicate_is_inserted_again(
+        store: Store, encoder: RecordEncoder, tmp_path: Path) -> None:
+    """ClickHouse writes an insert's deduplication entry before its part: a crash in between
+    leaves an entry for a block it never stored, and the spooled block's insert under that
+    token is silently dropped. The drain sees that the chain head did not move and inserts
+    the block again, once."""
+    writer = "spool-phantom"
+    a = _rows(encoder, 4, "phantom-a")
+    spool = _spooled_while_down(store, writer, a, tmp_path / "spool")
+    entry = spool.entries()[0]
+    # the leftover entry: another block (another writer's own chain) under the same token
+    other, _, _ = link_arrow(ChainState("phantom-holder"),
+                             _arrow(_rows(encoder, 3, "phantom-other")))
+    store.insert_arrow("audit_events", other, entry.token)
+    store.insert_arrow("audit_events", entry.read(), entry.token)
+    assert not _stored(store, writer)  # what the drain's first insert meets: dropped
+    w = BatchWriter(store, writer, [SPEC], spool=BatchSpool(tmp_path / "spool", 0))
+    w.start()
+    assert (w.stats.reinserted_blocks, w.stats.drained_blocks) == (1, 1)
+    assert w.shutdown()
+    assert _stored(store, writer) == _expected(writer, a)
+    _verified(store, writer, 4)
+
+
 def _chdb_shaped(table: pa.Table) -> pa.Table:
     """The table as chDB's Arrow output types it: UUID as the arrow.uuid extension, String as
     utf8 (not validated: ciphertexts are not UTF-8), fields not null, field metadata."""

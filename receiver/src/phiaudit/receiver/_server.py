@@ -209,6 +209,8 @@ class _Query:
         snap["spool_bytes"] = self.svc.writer.spool_bytes
         snap["spooled_blocks"] = self.svc.writer.stats.spooled_blocks
         snap["drained_blocks"] = self.svc.writer.stats.drained_blocks
+        snap["spool_skipped_blocks"] = self.svc.writer.stats.skipped_blocks
+        snap["spool_reinserted_blocks"] = self.svc.writer.stats.reinserted_blocks
         return json.dumps(snap).encode()
 
 

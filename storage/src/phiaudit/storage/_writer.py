@@ -86,6 +86,10 @@ class WriterStats:
     duplicate_rows: int = 0
     spooled_blocks: int = 0
     drained_blocks: int = 0
+    #: spooled blocks found already stored when draining (a crash between insert and removal)
+    skipped_blocks: int = 0
+    #: spooled blocks ClickHouse dropped as duplicates of blocks it never stored, inserted again
+    reinserted_blocks: int = 0
     shed_requests: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
@@ -271,6 +275,8 @@ class BatchWriter:
         self.writer_id = writer_id
         self._specs = {t.name: t for t in tables}
         self._states: dict[str, ChainState] = {}
+        # per chained table: the newest seq known to be in the store (not only spooled)
+        self._stored_seq: dict[str, int] = {}
         self._max_rows = max_rows
         self._max_wait = max_wait
         self._max_queue_rows = max_queue_rows
@@ -303,6 +309,7 @@ class BatchWriter:
             if spec.chained:
                 seq, head = self._store.chain_head(spec.name, self.writer_id)
                 self._states[spec.name] = ChainState(self.writer_id, seq, head)
+                self._stored_seq[spec.name] = seq
             if spec.dedup_column:
                 # remember what this writer committed last, so a restart keeps deduplicating
                 _, rows = self._store.query(
@@ -336,10 +343,39 @@ class BatchWriter:
 
     def _drain(self) -> None:
         """Insert spooled blocks in order, with their own tokens; raises while the store is
-        still failing."""
+        still failing.
+
+        A chained table's stored rows are always a prefix of its writer's chain (blocks are
+        inserted in chain order, and while the spool holds any, new ones are spooled behind
+        them), so the store's head decides exactly, without relying on ClickHouse's
+        deduplication log: a block at or below it is stored already (a crash came between
+        its insert and its removal from the spool) and is not inserted again; a block still
+        above it after its insert was dropped by ClickHouse as a duplicate of one it never
+        stored (the log entry is written before the part: a crash in between leaves one
+        behind) and is inserted once more under a fresh token."""
         assert self._spool is not None
         for entry in self._spool.entries():
-            self._store.insert_arrow(entry.table, entry.read(), entry.token)
+            spec = self._specs.get(entry.table)
+            chained = spec is not None and spec.chained and entry.last_seq > 0
+            if chained and entry.last_seq <= self._stored_seq.get(entry.table, 0):
+                self._spool.remove(entry)
+                self.stats.skipped_blocks += 1
+                continue
+            data = entry.read()
+            self._store.insert_arrow(entry.table, data, entry.token)
+            if chained:
+                seq, _ = self._store.chain_head(entry.table, self.writer_id)
+                if seq < entry.last_seq:
+                    _log.warning("the store dropped a spooled block as a duplicate of one "
+                                 "it does not hold; inserting it again")
+                    self._store.insert_arrow(entry.table, data,
+                                             f"{entry.token}:{uuid.uuid4().hex}")
+                    self.stats.reinserted_blocks += 1
+                    seq, _ = self._store.chain_head(entry.table, self.writer_id)
+                    if seq < entry.last_seq:
+                        raise StorageUnavailable("a spooled block is not in the store after "
+                                                 "its insert")
+                self._stored_seq[entry.table] = entry.last_seq
             self._spool.remove(entry)
             self.stats.drained_blocks += 1
         self._healthy = True
@@ -559,6 +595,8 @@ class BatchWriter:
                 self._spool.append(name, spec.columns, data, token, *seq_head)
             else:
                 self._store.insert_arrow(name, data, token)
+                if name in new_states:
+                    self._stored_seq[name] = new_states[name][0]
             # committed: whatever happens to the batch's other tables, these rows are never
             # linked or inserted again (re-linking them from the old head forked the chain)
             for item in batch:

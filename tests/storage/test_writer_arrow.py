@@ -400,6 +400,44 @@ def test_a_spooled_block_dropped_as_a_duplicate_is_inserted_again(
     _verified(store, writer, 4)
 
 
+class _RejectingStore(_FailingStore):
+    """The real store; ``insert_arrow`` of the rows of ``writer_id`` is refused for good."""
+
+    def __init__(self, store: Store, writer_id: str) -> None:
+        super().__init__(store)
+        self.writer_id = writer_id
+
+    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+        writers = {w.decode() if isinstance(w, bytes) else w  # binary, as Arrow types it
+                   for w in data.column("writer_id").to_pylist()}
+        if self.writer_id in writers:
+            raise PermanentError(f"insert into {table}: injected rejection")
+        super().insert_arrow(table, data, token)
+
+
+def test_a_spooled_block_the_store_refuses_is_kept_aside(
+        store: Store, encoder: RecordEncoder, tmp_path: Path) -> None:
+    """A spooled block the store refuses for good neither kills the writer nor blocks the
+    spool: it moves to ``rejected/`` (acknowledged rows are never dropped) and the writer
+    goes on."""
+    writer = "spool-refused"
+    a = _rows(encoder, 3, "refused-a")
+    _spooled_while_down(store, writer, a, tmp_path / "spool")
+    w = BatchWriter(_RejectingStore(store, writer), writer, [SPEC],
+                    spool=BatchSpool(tmp_path / "spool", 0))
+    w.start()
+    assert (w.stats.rejected_blocks, w.spool_bytes) == (1, 0)
+    kept = list((tmp_path / "spool" / "rejected").glob("*.arrow"))
+    assert len(kept) == 1
+    assert BatchSpool._load(kept[0]).read().num_rows == 3
+    other = "spool-refused-next"
+    w2 = BatchWriter(store, other, [SPEC])
+    w2.start()
+    w2.submit(None, {"audit_events": _arrow(_rows(encoder, 2, "refused-b"))}).result(30)
+    assert w2.shutdown() and w.shutdown()
+    assert len(_stored(store, other)) == 2 and not _stored(store, writer)
+
+
 def _chdb_shaped(table: pa.Table) -> pa.Table:
     """The table as chDB's Arrow output types it: UUID as the arrow.uuid extension, String as
     utf8 (not validated: ciphertexts are not UTF-8), fields not null, field metadata."""

@@ -211,6 +211,7 @@ class _Query:
         snap["drained_blocks"] = self.svc.writer.stats.drained_blocks
         snap["spool_skipped_blocks"] = self.svc.writer.stats.skipped_blocks
         snap["spool_reinserted_blocks"] = self.svc.writer.stats.reinserted_blocks
+        snap["spool_rejected_blocks"] = self.svc.writer.stats.rejected_blocks
         return json.dumps(snap).encode()
 
 

@@ -119,6 +119,18 @@ class BatchSpool:
             self._entries.append(SpoolEntry(final, table, token, last_seq, head,
                                             final.stat().st_size))
 
+    def quarantine(self, entry: SpoolEntry) -> Path:
+        """Move a block the store refuses for good to ``rejected/`` (kept for an operator,
+        out of the drain's way); returns its new path."""
+        with self._lock:
+            rejected = self.dir / "rejected"
+            rejected.mkdir(exist_ok=True, mode=0o700)
+            target = rejected / entry.path.name
+            os.replace(entry.path, target)
+            _fsync_dir(self.dir)
+            self._entries = [e for e in self._entries if e.path != entry.path]
+            return target
+
     def remove(self, entry: SpoolEntry) -> None:
         with self._lock:
             entry.path.unlink(missing_ok=True)

@@ -90,6 +90,8 @@ class WriterStats:
     skipped_blocks: int = 0
     #: spooled blocks ClickHouse dropped as duplicates of blocks it never stored, inserted again
     reinserted_blocks: int = 0
+    #: spooled blocks the store refuses for good, moved to the spool's ``rejected/``
+    rejected_blocks: int = 0
     shed_requests: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
@@ -362,7 +364,16 @@ class BatchWriter:
                 self.stats.skipped_blocks += 1
                 continue
             data = entry.read()
-            self._store.insert_arrow(entry.table, data, entry.token)
+            try:
+                self._store.insert_arrow(entry.table, data, entry.token)
+            except PermanentError:
+                # acknowledged rows: never dropped; kept aside, so the rest can drain (a
+                # chained table's verify then reports the gap where they belong)
+                where = self._spool.quarantine(entry)
+                self.stats.rejected_blocks += 1
+                _log.error("the store refuses a spooled block of %s for good; kept in %s",
+                           entry.table, where)
+                continue
             if chained:
                 seq, _ = self._store.chain_head(entry.table, self.writer_id)
                 if seq < entry.last_seq:
@@ -498,6 +509,10 @@ class BatchWriter:
                 try:
                     self._drain()
                 except StorageUnavailable:
+                    self._next_drain = time.monotonic() + self._backoff[1]
+                except Exception as exc:  # the writer thread must never die
+                    _log.error("writer: unexpected failure draining the spool (%s)",
+                               type(exc).__name__)
                     self._next_drain = time.monotonic() + self._backoff[1]
             pending = spool is not None and len(spool) > 0
             batch = self._take(0.25 if pending else None)

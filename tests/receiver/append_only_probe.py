@@ -3,7 +3,9 @@
 ``python -m tests.receiver.append_only_probe DATA_DIR`` (no service may be running on
 DATA_DIR: one engine per process and per data directory). It opens the store exactly as the
 service does (``migrate`` then ``Store.open(StoreLocation(data_dir=...))``), runs every
-destructive statement the test names against ``audit_events`` and ``access_log``, checks that
+destructive statement the test names against ``audit_events`` and ``access_log`` (through
+the query connection and through the second engine handle the store streams inserts to),
+checks that
 INSERT and SELECT still work, and prints one JSON document on stdout:
 
 ``{"attacks": [{"table", "sql", "ok", "error", "message"}], "before": {...}, "after": {...},
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phiaudit.storage import PhiAuditError, Store, StoreLocation, migrate
+from phiaudit.storage._store import _map_error
 
 TABLES = ("audit_events", "access_log")
 ALL_TABLES = ("audit_events", "access_log", "otel_traces", "otel_traces_trace_id_ts",
@@ -82,6 +85,14 @@ def main(argv: list[str]) -> int:
                 store.command(sql)
             except PhiAuditError as exc:
                 entry.update(ok=False, error=type(exc).__name__, message=str(exc))
+            report["attacks"].append(entry)
+            # the second handle on the engine, which the store streams inserts through
+            entry = {"table": table, "sql": sql, "ok": True, "via": "insert handle"}
+            try:
+                store._engine.query(sql, "CSV")
+            except Exception as exc:
+                mapped = _map_error(exc, "probe")
+                entry.update(ok=False, error=type(mapped).__name__, message=str(mapped))
             report["attacks"].append(entry)
         report["after"] = _counts(store)
         # INSERT and SELECT still work through the same connection

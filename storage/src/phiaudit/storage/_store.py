@@ -15,6 +15,7 @@ processes go through the service.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 from ._errors import ConfigError, PermanentError, StorageUnavailable
 from ._schema import SCHEMA_VERSION, Column, migration_statements
@@ -262,8 +263,10 @@ def _server_client(location: StoreLocation) -> Any:
 class Store:
     """A connection that may only INSERT and SELECT. Thread-safe: calls are serialized."""
 
-    def __init__(self, client: Any, location: StoreLocation) -> None:
+    def __init__(self, client: Any, location: StoreLocation, engine: Any = None) -> None:
         self._client = client
+        #: embedded only: a handle on the same chDB engine, for streaming inserts (no file)
+        self._engine = engine
         self.location = location
         self.database = location.database
         self._lock = threading.Lock()
@@ -285,13 +288,20 @@ class Store:
                     chdb_options={"config-file": str(config)},
                     database=location.database,
                 )
+                import chdb
+
+                # a second handle on the same engine (same path and configuration, so the
+                # same restricted user): inserts stream Arrow to it from memory, where
+                # clickhouse-connect's chDB backend writes every insert to a temporary file
+                engine = chdb.connect(f"{os.path.realpath(data_dir / 'clickhouse')}?"
+                                      + urlencode({"config-file": str(config)}))
             except Exception as exc:
                 raise _map_error(exc, "open the embedded store") from exc
             finally:
                 # the engine has read the key; processes started later do not inherit it
                 for name in env:
                     os.environ.pop(name, None)
-            return cls(client, location)
+            return cls(client, location, engine)
         return cls(_server_client(location), location)
 
     def insert(
@@ -322,11 +332,45 @@ class Store:
 
     def insert_arrow(self, table: str, data: Any, token: str) -> None:
         """Insert an Arrow table (a batch, or a spooled block); idempotent per ``token``."""
+        if self._engine is not None:
+            self._stream_arrow(table, data, token)
+            return
         settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
             with self._lock:
                 self._client.insert_arrow(table, data, database=self.database,
                                           settings=settings)
+        except Exception as exc:
+            raise _map_error(exc, f"insert into {table}") from exc
+
+    def _stream_arrow(self, table: str, data: Any, token: str) -> None:
+        """The embedded engine's insert: the table as one Arrow IPC stream, from memory
+        (~1.6 us a row less than through a file, and no copy of audit rows in /tmp)."""
+        import pyarrow as pa
+
+        if not table.replace("_", "").isalnum():
+            raise ValueError("table name must be alphanumeric")
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, data.schema) as writer:
+            writer.write_table(data)
+        payload = sink.getvalue().to_pybytes()
+        columns = ", ".join(f"`{name}`" for name in data.schema.names
+                            if name.replace("_", "").isalnum())
+        if len(columns.split(", ")) != len(data.schema.names):
+            raise ValueError("column names must be alphanumeric")
+        quoted = token.replace("\\", "\\\\").replace("'", "\\'")
+        sql = (f"INSERT INTO `{self.database}`.`{table}` ({columns}) SETTINGS "
+               f"insert_deduplication_token = '{quoted}', async_insert = 0")
+        try:
+            with self._lock:
+                inserter = self._engine.send_insert(sql, "ArrowStream")
+                try:
+                    inserter.append(payload)
+                    inserter.finish()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        inserter.cancel()
+                    raise
         except Exception as exc:
             raise _map_error(exc, f"insert into {table}") from exc
 
@@ -376,6 +420,8 @@ class Store:
             return
         self._closed = True
         try:
+            if self._engine is not None:
+                self._engine.close()
             self._client.close()
         except Exception:
             _log.debug("closing the store failed", exc_info=True)

@@ -14,7 +14,7 @@
 CREATE DATABASE IF NOT EXISTS `phiaudit` ON CLUSTER 'phiaudit';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' (
-    `event_id` UUID COMMENT 'unique per row',
+    `event_id` UUID CODEC(NONE) COMMENT 'unique per row',
     `event_time` DateTime64(6, 'UTC') COMMENT 'when: span start (UTC, us)',
     `received_time` DateTime64(6, 'UTC') COMMENT 'when the receiver took it',
     `time_source` LowCardinality(String) COMMENT 'span | receiver (span time absurd)',
@@ -28,30 +28,30 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' (
     `service_name` LowCardinality(String),
     `host_name` LowCardinality(String),
     `resource_type` LowCardinality(String),
-    `resource_id` String,
-    `resource_bidx` String COMMENT 'blind index of type/id',
-    `patient_id` String,
-    `patient_bidx` String COMMENT 'blind index of the patient id',
+    `resource_id` String CODEC(NONE),
+    `resource_bidx` String CODEC(NONE) COMMENT 'blind index of type/id',
+    `patient_id` String CODEC(NONE),
+    `patient_bidx` String CODEC(NONE) COMMENT 'blind index of the patient id',
     `record_count` UInt64,
-    `query` String,
+    `query` String CODEC(NONE),
     `purpose` LowCardinality(String),
-    `recipient` String,
-    `client_address` String,
-    `client_bidx` String COMMENT 'blind index of the client address',
+    `recipient` String CODEC(NONE),
+    `client_address` String CODEC(NONE),
+    `client_bidx` String CODEC(NONE) COMMENT 'blind index of the client address',
     `user_agent` String,
-    `device_id` String,
+    `device_id` String CODEC(NONE),
     `http_method` LowCardinality(String),
     `http_route` LowCardinality(String),
     `http_status` UInt16,
     `trace_id` String COMMENT 'hex, as in otel_traces.TraceId',
-    `span_id` String,
+    `span_id` String CODEC(NONE),
     `sender` LowCardinality(String) COMMENT 'authenticated client identity',
-    `extra` String COMMENT 'other attributes of the audit span, JSON',
+    `extra` String CODEC(NONE) COMMENT 'other attributes of the audit span, JSON',
     `key_id` UInt32 COMMENT 'data key of the encrypted columns',
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
-    `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    `prev_hash` FixedString(32) CODEC(NONE) COMMENT 'hash of the writer\'s previous row',
+    `hash` FixedString(32) CODEC(NONE) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
     INDEX idx_patient patient_bidx TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_actor actor_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/audit_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'PHI audit events: append-only, encrypted PHI, hash-chained per writer, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events ON CLUSTER 'phiaudit'
@@ -68,13 +68,13 @@ AS `phiaudit`.audit_events_local
 ENGINE = Distributed('phiaudit', 'phiaudit', 'audit_events_local', cityHash64(writer_id));
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.access_log_local ON CLUSTER 'phiaudit' (
-    `event_id` UUID,
+    `event_id` UUID CODEC(NONE),
     `time` DateTime64(6, 'UTC'),
     `principal` String,
     `role` LowCardinality(String),
     `interface` LowCardinality(String) COMMENT 'service | direct',
-    `statement` String COMMENT 'the query text (may carry PHI)',
-    `statement_bidx` String COMMENT 'blind index of the query text',
+    `statement` String CODEC(NONE) COMMENT 'the query text (may carry PHI)',
+    `statement_bidx` String CODEC(NONE) COMMENT 'blind index of the query text',
     `decrypt` Bool,
     `rows_returned` UInt64,
     `outcome` LowCardinality(String) COMMENT 'ok | denied | error',
@@ -82,13 +82,13 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.access_log_local ON CLUSTER 'phiaudit' (
     `key_id` UInt32,
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
-    `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    `prev_hash` FixedString(32) CODEC(NONE) COMMENT 'hash of the writer\'s previous row',
+    `hash` FixedString(32) CODEC(NONE) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
     INDEX idx_time time TYPE minmax GRANULARITY 1
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/access_log_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'every read of the audit trail through phiaudit: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.access_log ON CLUSTER 'phiaudit'
@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.otel_traces_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/otel_traces_local', '{replica}')
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.otel_traces ON CLUSTER 'phiaudit'
 AS `phiaudit`.otel_traces_local
@@ -157,7 +157,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.checkpoints_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/checkpoints_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (origin, writer_id, tree_size, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'signed Merkle checkpoints of the hash chains: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.checkpoints ON CLUSTER 'phiaudit'
@@ -175,7 +175,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.legal_holds_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/legal_holds_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (hold_id, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'legal holds: placing and releasing are both appended; no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.legal_holds ON CLUSTER 'phiaudit'
@@ -183,19 +183,19 @@ AS `phiaudit`.legal_holds_local
 ENGINE = Distributed('phiaudit', 'phiaudit', 'legal_holds_local', rand());
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events_local ON CLUSTER 'phiaudit' (
-    `event_id` UUID COMMENT 'deterministic: a re-sent record is stored once',
+    `event_id` UUID CODEC(NONE) COMMENT 'deterministic: a re-sent record is stored once',
     `event_time` DateTime64(6, 'UTC') COMMENT 'when the infrastructure says it happened',
     `received_time` DateTime64(6, 'UTC'),
     `source_kind` LowCardinality(String) COMMENT 'pgaudit | cloudtrail | vpcflow | db_span | unknown',
     `parse_status` LowCardinality(String) COMMENT 'ok | unparsed',
     `source` LowCardinality(String) COMMENT 'emitting service, host or log',
     `actor_id` String COMMENT 'database role, cloud principal or service',
-    `client_address` String,
-    `client_bidx` String COMMENT 'blind index of the client address',
+    `client_address` String CODEC(NONE),
+    `client_bidx` String CODEC(NONE) COMMENT 'blind index of the client address',
     `operation` LowCardinality(String) COMMENT 'SELECT, GetObject, ConsoleLogin, ...',
     `object_type` LowCardinality(String) COMMENT 'table | object | endpoint | login',
-    `object` String COMMENT 'table, bucket/key or address:port',
-    `object_bidx` String COMMENT 'blind index of the object',
+    `object` String CODEC(NONE) COMMENT 'table, bucket/key or address:port',
+    `object_bidx` String CODEC(NONE) COMMENT 'blind index of the object',
     `phi_touch` Bool COMMENT 'the object is in the PHI catalog',
     `phi_object` LowCardinality(String) COMMENT 'the catalog entry that matched',
     `outcome` LowCardinality(String) COMMENT 'success | failure | unknown',
@@ -203,19 +203,19 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events_local ON CLUSTER 'phiaudit' (
     `trace_id` String COMMENT 'hex; from sqlcommenter traceparent or the span',
     `span_id` String,
     `sender` LowCardinality(String) COMMENT 'authenticated client identity',
-    `raw` String COMMENT 'the original record',
+    `raw` String CODEC(NONE) COMMENT 'the original record',
     `key_id` UInt32,
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
-    `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    `prev_hash` FixedString(32) CODEC(NONE) COMMENT 'hash of the writer\'s previous row',
+    `hash` FixedString(32) CODEC(NONE) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
     INDEX idx_trace trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_event event_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_time event_time TYPE minmax GRANULARITY 1
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'infrastructure records: append-only, encrypted raw record, hash-chained, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events ON CLUSTER 'phiaudit'
@@ -235,7 +235,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' 
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_rollups_local', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (source_kind, minute, actor_id, object_name)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups ON CLUSTER 'phiaudit'
@@ -258,14 +258,14 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.alerts_local ON CLUSTER 'phiaudit' (
     `mode` LowCardinality(String) COMMENT 'scheduled | backfill',
     `writer_id` LowCardinality(String) COMMENT 'which writer appended the row',
     `seq` UInt64 COMMENT 'per-writer sequence number, gap-free',
-    `prev_hash` FixedString(32) COMMENT 'hash of the writer\'s previous row',
-    `hash` FixedString(32) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
+    `prev_hash` FixedString(32) CODEC(NONE) COMMENT 'hash of the writer\'s previous row',
+    `hash` FixedString(32) CODEC(NONE) COMMENT 'SHA-256(prev_hash, writer, seq, SHA-256(canonical row))',
     INDEX idx_time time TYPE minmax GRANULARITY 1,
     INDEX idx_alert alert_id TYPE bloom_filter(0.01) GRANULARITY 4
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/alerts_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'alerts raised by rules: append-only, hash-chained, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.alerts ON CLUSTER 'phiaudit'
@@ -274,7 +274,7 @@ ENGINE = Distributed('phiaudit', 'phiaudit', 'alerts_local', cityHash64(writer_i
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.care_relationships_local ON CLUSTER 'phiaudit' (
     `actor_id` String COMMENT 'the user id the application reports',
-    `patient_bidx` String COMMENT 'blind index of the patient id',
+    `patient_bidx` String CODEC(NONE) COMMENT 'blind index of the patient id',
     `start` DateTime64(6, 'UTC'),
     `end` DateTime64(6, 'UTC'),
     `relationship` LowCardinality(String) COMMENT 'encounter | careteam | ...',
@@ -284,7 +284,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.care_relationships_local ON CLUSTER 'phiau
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/care_relationships_local', '{replica}')
 PARTITION BY toYYYYMM(loaded_time)
 ORDER BY (actor_id, patient_bidx, start)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'care relationships (practitioner, patient blind index, period): append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.care_relationships ON CLUSTER 'phiaudit'
@@ -303,7 +303,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.rule_runs_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/rule_runs_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (rule_id, window_to)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'rule evaluations and their watermarks: append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.rule_runs ON CLUSTER 'phiaudit'
@@ -320,7 +320,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.alert_deliveries_local ON CLUSTER 'phiaudi
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/alert_deliveries_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (alert_id, sink, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 16, min_bytes_for_wide_part = 268435456
 COMMENT 'alert delivery attempts: append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.alert_deliveries ON CLUSTER 'phiaudit'
@@ -330,6 +330,28 @@ ENGINE = Distributed('phiaudit', 'phiaudit', 'alert_deliveries_local', cityHash6
 ALTER TABLE `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' ADD INDEX IF NOT EXISTS idx_time event_time TYPE minmax GRANULARITY 1;
 
 ALTER TABLE `phiaudit`.access_log_local ON CLUSTER 'phiaudit' ADD INDEX IF NOT EXISTS idx_time time TYPE minmax GRANULARITY 1;
+
+ALTER TABLE `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' MODIFY COLUMN `event_id` CODEC(NONE), MODIFY COLUMN `resource_id` CODEC(NONE), MODIFY COLUMN `resource_bidx` CODEC(NONE), MODIFY COLUMN `patient_id` CODEC(NONE), MODIFY COLUMN `patient_bidx` CODEC(NONE), MODIFY COLUMN `query` CODEC(NONE), MODIFY COLUMN `recipient` CODEC(NONE), MODIFY COLUMN `client_address` CODEC(NONE), MODIFY COLUMN `client_bidx` CODEC(NONE), MODIFY COLUMN `device_id` CODEC(NONE), MODIFY COLUMN `span_id` CODEC(NONE), MODIFY COLUMN `extra` CODEC(NONE), MODIFY COLUMN `prev_hash` CODEC(NONE), MODIFY COLUMN `hash` CODEC(NONE), MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.access_log_local ON CLUSTER 'phiaudit' MODIFY COLUMN `event_id` CODEC(NONE), MODIFY COLUMN `statement` CODEC(NONE), MODIFY COLUMN `statement_bidx` CODEC(NONE), MODIFY COLUMN `prev_hash` CODEC(NONE), MODIFY COLUMN `hash` CODEC(NONE), MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.otel_traces_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.checkpoints_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.legal_holds_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.infra_events_local ON CLUSTER 'phiaudit' MODIFY COLUMN `event_id` CODEC(NONE), MODIFY COLUMN `client_address` CODEC(NONE), MODIFY COLUMN `client_bidx` CODEC(NONE), MODIFY COLUMN `object` CODEC(NONE), MODIFY COLUMN `object_bidx` CODEC(NONE), MODIFY COLUMN `raw` CODEC(NONE), MODIFY COLUMN `prev_hash` CODEC(NONE), MODIFY COLUMN `hash` CODEC(NONE), MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.alerts_local ON CLUSTER 'phiaudit' MODIFY COLUMN `prev_hash` CODEC(NONE), MODIFY COLUMN `hash` CODEC(NONE), MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.care_relationships_local ON CLUSTER 'phiaudit' MODIFY COLUMN `patient_bidx` CODEC(NONE), MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.rule_runs_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
+
+ALTER TABLE `phiaudit`.alert_deliveries_local ON CLUSTER 'phiaudit' MODIFY SETTING merge_selector_base = 16, min_bytes_for_wide_part = 268435456;
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.schema_migrations_local ON CLUSTER 'phiaudit' (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)

@@ -49,7 +49,8 @@ _CREATE_DB = re.compile(r"^CREATE DATABASE IF NOT EXISTS `(?P<db>\w+)`$")
 _CREATE_TABLE = re.compile(
     r"^CREATE TABLE IF NOT EXISTS `(?P<db>\w+)`\.(?P<name>\w+) \((?P<body>.*)\) "
     r"ENGINE = MergeTree(?P<rest>.*)$", re.S)
-_ALTER = re.compile(r"^ALTER TABLE `(?P<db>\w+)`\.(?P<name>\w+) (?P<rest>ADD INDEX .*)$", re.S)
+_ALTER = re.compile(r"^ALTER TABLE `(?P<db>\w+)`\.(?P<name>\w+) "
+                    r"(?P<rest>(?:ADD INDEX|MODIFY COLUMN|MODIFY SETTING) .*)$", re.S)
 _CREATE_MV = re.compile(
     r"^CREATE MATERIALIZED VIEW IF NOT EXISTS `(?P<db>\w+)`\.(?P<name>\w+)\s+"
     r"TO `(?P=db)`\.(?P<target>\w+) AS(?P<select>.*)$", re.S)
@@ -90,7 +91,8 @@ def cluster_statements(cluster: str, database: str, storage_policy: str = "") ->
                        f"AS `{db}`.{local}\n"
                        f"ENGINE = Distributed('{cluster}', '{db}', '{local}', {key})")
         elif m := _ALTER.match(stmt):
-            # the index is in the CREATE already; this upgrades clusters made before it
+            # the index, codecs and settings are in the CREATE already: this upgrades
+            # clusters made before them
             out.append(f"ALTER TABLE `{m['db']}`.{m['name']}_local {on} {m['rest']}")
         elif m := _CREATE_MV.match(stmt):
             db, select = m["db"], m["select"]

@@ -38,6 +38,18 @@ class Column:
     type: str
     kind: str = "plain"  # plain | encrypted | chain
     comment: str = ""
+    #: the column's CODEC; "" is the default (LZ4), except where ``stored_codec`` says
+    codec: str = ""
+
+    @property
+    def stored_codec(self) -> str:
+        """``NONE`` for random content (ciphertexts, digests, blind indexes, random ids):
+        LZ4 cannot shrink it, and compressing it again at every merge was wasted work."""
+        if self.codec:
+            return self.codec
+        random_content = (self.kind == "encrypted" or self.name.endswith("_bidx")
+                          or self.name in ("hash", "prev_hash"))
+        return "NONE" if random_content else ""
 
 
 _CHAIN = [
@@ -50,7 +62,7 @@ _CHAIN = [
 
 #: audit_events: one row per audit event per patient touched.
 AUDIT_COLUMNS: list[Column] = [
-    Column("event_id", "UUID", comment="unique per row"),
+    Column("event_id", "UUID", comment="unique per row", codec="NONE"),
     Column("event_time", "DateTime64(6, 'UTC')", comment="when: span start (UTC, us)"),
     Column("received_time", "DateTime64(6, 'UTC')", comment="when the receiver took it"),
     Column("time_source", "LowCardinality(String)", comment="span | receiver (span time absurd)"),
@@ -80,7 +92,7 @@ AUDIT_COLUMNS: list[Column] = [
     Column("http_route", "LowCardinality(String)"),
     Column("http_status", "UInt16"),
     Column("trace_id", "String", comment="hex, as in otel_traces.TraceId"),
-    Column("span_id", "String"),
+    Column("span_id", "String", codec="NONE"),
     Column("sender", "LowCardinality(String)", comment="authenticated client identity"),
     Column("extra", "String", "encrypted", "other attributes of the audit span, JSON"),
     Column("key_id", "UInt32", comment="data key of the encrypted columns"),
@@ -89,7 +101,7 @@ AUDIT_COLUMNS: list[Column] = [
 
 #: access_log: every read of the audit data through phiaudit, refused ones too.
 ACCESS_LOG_COLUMNS: list[Column] = [
-    Column("event_id", "UUID"),
+    Column("event_id", "UUID", codec="NONE"),
     Column("time", "DateTime64(6, 'UTC')"),
     Column("principal", "String"),
     Column("role", "LowCardinality(String)"),
@@ -156,7 +168,8 @@ HOLD_COLUMNS: list[Column] = [
 #: network flows, database client spans). Records that touch PHI (``phi_touch``, from the
 #: configured PHI catalog) are always kept whole; the others may be rolled up.
 INFRA_COLUMNS: list[Column] = [
-    Column("event_id", "UUID", comment="deterministic: a re-sent record is stored once"),
+    Column("event_id", "UUID", comment="deterministic: a re-sent record is stored once",
+           codec="NONE"),
     Column("event_time", "DateTime64(6, 'UTC')",
            comment="when the infrastructure says it happened"),
     Column("received_time", "DateTime64(6, 'UTC')"),
@@ -262,11 +275,35 @@ def _cols(columns: list[Column]) -> str:
         name = f"`{c.name}`"
         text = c.comment.replace("\\", "\\\\").replace("'", "\\'")
         comment = f" COMMENT '{text}'" if c.comment else ""
-        out.append(f"    {name} {c.type}{comment}")
+        codec = f" CODEC({c.stored_codec})" if c.stored_codec else ""
+        out.append(f"    {name} {c.type}{codec}{comment}")
     return ",\n".join(out)
 
 
-_BASE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
+#: merge_selector_base 16 (default 5): fewer, wider merges (rows are rewritten less often);
+#: compact parts up to 256 MiB: cheaper small parts and merges, and less memory
+_MERGE_TUNING = "merge_selector_base = 16, min_bytes_for_wide_part = 268435456"
+_BASE_SETTINGS = ("SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192, "
+                  + _MERGE_TUNING)
+
+#: the tables created with ``_cols`` and the merge settings, for upgrading older stores
+_TUNED_TABLES: dict[str, list[Column]] = {
+    "audit_events": AUDIT_COLUMNS, "access_log": ACCESS_LOG_COLUMNS,
+    "otel_traces": TRACE_COLUMNS, "checkpoints": CHECKPOINT_COLUMNS,
+    "legal_holds": HOLD_COLUMNS, "infra_events": INFRA_COLUMNS,
+    "infra_rollups": ROLLUP_COLUMNS, "alerts": ALERT_COLUMNS, "care_relationships": CARE_COLUMNS,
+    "rule_runs": RULE_RUN_COLUMNS, "alert_deliveries": DELIVERY_COLUMNS,
+}
+
+
+def _tuning_statements(db: str) -> list[str]:
+    out = []
+    for table, columns in _TUNED_TABLES.items():
+        changes = [f"MODIFY COLUMN `{c.name}` CODEC({c.stored_codec})"
+                   for c in columns if c.stored_codec]
+        changes.append(f"MODIFY SETTING {_MERGE_TUNING}")
+        out.append(f"ALTER TABLE `{db}`.{table} " + ", ".join(changes))
+    return out
 
 
 def migration_statements(db: str, storage_policy: str | None = None) -> list[str]:
@@ -388,6 +425,9 @@ COMMENT 'alert delivery attempts: append-only'""",
         "TYPE minmax GRANULARITY 1",
         f"ALTER TABLE `{db}`.access_log ADD INDEX IF NOT EXISTS idx_time time "
         "TYPE minmax GRANULARITY 1",
+        # stores made before the codecs and merge settings (metadata only: no data rewritten;
+        # new parts and merges use them)
+        *_tuning_statements(db),
         f"""CREATE TABLE IF NOT EXISTS `{db}`.schema_migrations (
     version UInt32, applied DateTime64(6, 'UTC') DEFAULT now64(6)
 ) ENGINE = MergeTree ORDER BY version

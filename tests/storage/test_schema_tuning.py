@@ -1,0 +1,39 @@
+"""The store's tables as created: random content (ciphertexts, digests, blind indexes, random
+ids) is stored without compression, and the merge settings are in effect. Both were chosen by
+measurement (bench/store.py): LZ4 cannot shrink random bytes, and recompressing them at every
+merge was a third of the store's CPU per row."""
+
+from __future__ import annotations
+
+from phiaudit.storage import AUDIT_COLUMNS, ENCRYPTED_COLUMNS, INFRA_COLUMNS, Store
+
+
+def test_random_content_is_stored_without_compression(store: Store) -> None:
+    _, rows = store.query(
+        "SELECT table, name, compression_codec FROM system.columns "
+        "WHERE database = currentDatabase() AND table IN ('audit_events', 'infra_events', "
+        "'access_log', 'alerts')")
+    codec = {(t, n): c for t, n, c in rows}
+    for table, names in ENCRYPTED_COLUMNS.items():
+        for name in names:
+            assert codec[(table, name)] == "CODEC(NONE)", (table, name)
+    for table, columns in (("audit_events", AUDIT_COLUMNS), ("infra_events", INFRA_COLUMNS)):
+        for c in columns:
+            if c.name.endswith("_bidx") or c.name in ("hash", "prev_hash", "event_id"):
+                assert codec[(table, c.name)] == "CODEC(NONE)", (table, c.name)
+    # everything else keeps the default (LZ4): repeated values compress
+    for name in ("actor_id", "trace_id", "user_agent", "event_time", "seq", "writer_id"):
+        assert codec[("audit_events", name)] == "", name
+    assert codec[("alerts", "hash")] == "CODEC(NONE)"
+
+
+def test_merge_settings_are_in_effect(store: Store) -> None:
+    _, rows = store.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() "
+        "AND engine = 'MergeTree' AND name != 'schema_migrations' "
+        "AND name != 'otel_traces_trace_id_ts'")
+    assert len(rows) >= 10
+    for name, engine in rows:
+        assert "merge_selector_base = 16" in engine, name
+        assert "min_bytes_for_wide_part = 268435456" in engine, name
+        assert "non_replicated_deduplication_window = 10000" in engine, name

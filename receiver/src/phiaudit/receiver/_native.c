@@ -397,7 +397,8 @@ typedef struct {
     gbuf extra;   /* the JSON of extra */
     EVP_CIPHER_CTX *aes;
     EVP_MD_CTX *md, *hin, *hout, *tmp;
-    const EVP_MD *sha256;
+    EVP_MD *sha256;     /* fetched once: an implicit fetch at every init takes locks */
+    EVP_CIPHER *gcm;
     uint8_t key_hdr[4];
     uint8_t nonces[12 * 256]; /* drawn from the OS generator 256 at a time */
     size_t nonce_at;
@@ -501,13 +502,16 @@ static int put_enc(out_t *o, int c, const char *column, const uint8_t eid[16], c
     memcpy(p + 5, eid, 16);
     memcpy(p + 21, nonce, 12);
     if (EVP_EncryptInit_ex(o->aes, NULL, NULL, NULL, nonce) != 1) return -1;
+    /* the AAD "phiaudit:v1|<column>|<event id>" in one update */
     static const char prefix[] = "phiaudit:v1|";
-    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)prefix, (int)strlen(prefix)) != 1)
-        return -1;
-    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)column, (int)strlen(column)) != 1)
-        return -1;
-    if (EVP_EncryptUpdate(o->aes, NULL, &len, (const uint8_t *)"|", 1) != 1) return -1;
-    if (EVP_EncryptUpdate(o->aes, NULL, &len, eid, 16) != 1) return -1;
+    uint8_t aad[64];
+    size_t cn = strlen(column), an = sizeof(prefix) - 1;
+    if (an + cn + 1 + 16 > sizeof(aad)) return -1;
+    memcpy(aad, prefix, an);
+    memcpy(aad + an, column, cn);
+    aad[an + cn] = '|';
+    memcpy(aad + an + cn + 1, eid, 16);
+    if (EVP_EncryptUpdate(o->aes, NULL, &len, aad, (int)(an + cn + 17)) != 1) return -1;
     if (EVP_EncryptUpdate(o->aes, p + 33, &len, v, (int)n) != 1) return -1;
     size_t total = 33 + (size_t)len;
     if (EVP_EncryptFinal_ex(o->aes, p + total, &len) != 1) return -1;
@@ -977,6 +981,8 @@ static void out_free(out_t *o) {
     if (o->hin) EVP_MD_CTX_free(o->hin);
     if (o->hout) EVP_MD_CTX_free(o->hout);
     if (o->tmp) EVP_MD_CTX_free(o->tmp);
+    if (o->sha256) EVP_MD_free(o->sha256);
+    if (o->gcm) EVP_CIPHER_free(o->gcm);
 }
 
 typedef struct {
@@ -1071,19 +1077,20 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
     o.key_hdr[1] = (uint8_t)(key_id >> 16);
     o.key_hdr[2] = (uint8_t)(key_id >> 8);
     o.key_hdr[3] = (uint8_t)key_id;
-    o.sha256 = EVP_sha256();
+    o.sha256 = EVP_MD_fetch(NULL, "SHA2-256", NULL);
+    o.gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
     o.aes = EVP_CIPHER_CTX_new();
     o.md = EVP_MD_CTX_new();
     o.hin = EVP_MD_CTX_new();
     o.hout = EVP_MD_CTX_new();
     o.tmp = EVP_MD_CTX_new();
-    if (!o.aes || !o.md || !o.hin || !o.hout || !o.tmp) {
+    if (!o.sha256 || !o.gcm || !o.aes || !o.md || !o.hin || !o.hout || !o.tmp) {
         PyErr_NoMemory();
         goto out;
     }
     {
         uint8_t pad[64];
-        int ok = EVP_EncryptInit_ex(o.aes, EVP_aes_256_gcm(), NULL, dk.buf, NULL) == 1;
+        int ok = EVP_EncryptInit_ex(o.aes, o.gcm, NULL, dk.buf, NULL) == 1;
         memset(pad, 0x36, 64);
         for (int i = 0; i < 32; i++) pad[i] ^= ((const uint8_t *)ik.buf)[i];
         ok = ok && EVP_DigestInit_ex(o.hin, o.sha256, NULL) == 1 &&

@@ -354,10 +354,9 @@ class Store:
         with pa.ipc.new_stream(sink, data.schema) as writer:
             writer.write_table(data)
         payload = sink.getvalue().to_pybytes()
-        columns = ", ".join(f"`{name}`" for name in data.schema.names
-                            if name.replace("_", "").isalnum())
-        if len(columns.split(", ")) != len(data.schema.names):
-            raise ValueError("column names must be alphanumeric")
+        # the schema's own names (otel_traces has dotted ones: `Events.Name`), quoted
+        columns = ", ".join("`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+                            for name in data.schema.names)
         quoted = token.replace("\\", "\\\\").replace("'", "\\'")
         sql = (f"INSERT INTO `{self.database}`.`{table}` ({columns}) SETTINGS "
                f"insert_deduplication_token = '{quoted}', async_insert = 0")

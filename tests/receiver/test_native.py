@@ -196,6 +196,40 @@ def _ubsan_build(out_dir: Path) -> Path | None:
     return out if proc.returncode == 0 else None
 
 
+@pytest.mark.parametrize("writer", ["w-1", "host-a/%d%b%%", "wrïter " * 40, ""])
+def test_compiled_linker_links_as_python(writer: str) -> None:
+    """``_native.link`` (the writer's linker where the extension is built) gives exactly the
+    chain ``link_arrow`` computes in Python: across seq digit boundaries, from genesis and
+    from a head, for any writer id bytes; and refuses malformed input."""
+    _require_native()
+    from phiaudit.receiver._fast import native_linker
+    from phiaudit.storage import AUDIT_COLUMNS, ChainState, arrow_schema, link_arrow
+
+    linker = native_linker()
+    assert linker is not None
+    rng = __import__("random").Random(7)
+    schema = arrow_schema(AUDIT_COLUMNS)
+    for seq, n in ((0, 1), (0, 12), (7, 5), (95, 10), (999_998, 3), (2**63, 2), (5, 0)):
+        leaves = rng.randbytes(32 * n)
+        cols = {f.name: pa.nulls(n, f.type) for f in schema}
+        cols["hash"] = pa.Array.from_buffers(pa.binary(32), n, [None, pa.py_buffer(leaves)])
+        cols["event_id"] = pa.array([rng.randbytes(16) for _ in range(n)], pa.binary(16))
+        table = pa.table(cols, schema=schema)
+        head = rng.randbytes(32) if seq else b"\x00" * 32
+        state = ChainState(writer, seq, head)
+        py, py_seq, py_head = link_arrow(state, table)
+        c, c_seq, c_head = link_arrow(state, table, linker)
+        assert (c_seq, c_head) == (py_seq, py_head)
+        for name in ("seq", "prev_hash", "hash", "writer_id"):
+            assert c.column(name).equals(py.column(name)), (name, seq, n)
+    with pytest.raises(ValueError):
+        linker(b"x" * 31, b"w", 0, b"\x00" * 32)
+    with pytest.raises(ValueError):
+        linker(b"x" * 32, b"w", 0, b"\x00" * 31)
+    with pytest.raises(OverflowError):
+        linker(b"x" * 64, b"w", 2**64 - 1, b"\x00" * 32)
+
+
 def test_untrusted_bytes_never_crash_and_agree_with_python(tmp_path: Path) -> None:
     _require_native()
     fuzz = [sys.executable, "-m", "tests.receiver.native_fuzz"]

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from phiaudit.storage import AUDIT_COLUMNS, ColumnKeys, arrow_schema
 
-__all__ = ["NativeTraces", "native_available"]
+__all__ = ["NativeTraces", "native_available", "native_linker"]
 
 _log = logging.getLogger("phiaudit.receiver")
 
@@ -41,6 +41,12 @@ def native_available() -> tuple[bool, str]:
     if tuple(_native.COLUMNS) != names:
         return False, "the compiled extractor was built for another audit_events schema"
     return True, ""
+
+
+def native_linker() -> Any:
+    """The compiled hash-chain linker for ``BatchWriter(linker=...)`` (~0.5 us a row against
+    ~1.7 in Python), or None where the extension is not available."""
+    return _native.link if native_available()[0] else None
 
 
 def _array(typ: pa.DataType, layout: str, n: int, bufs: tuple[bytes, bytes, bytes]) -> pa.Array:

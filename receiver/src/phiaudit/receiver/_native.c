@@ -25,6 +25,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -1149,9 +1150,78 @@ out:
     return result;
 }
 
+/* link(leaves, writer_id, seq, head) -> hashes: the hash chain over n leaves (32 bytes each),
+ * continuing (seq, head), exactly as phiaudit.storage's link_arrow computes it in Python:
+ * hash_i = SHA-256(prev ‖ ns(writer_id) ‖ ns(decimal seq_i) ‖ leaf_i), ns(x) = len(x) ":" x.
+ * Returns the n hashes joined; the GIL is released while it runs. */
+static PyObject *native_link(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer lv = {0}, wid = {0}, head = {0};
+    unsigned long long seq = 0;
+    PyObject *result = NULL;
+    uint8_t *buf = NULL;
+    EVP_MD *md = NULL;
+    int failed = 0;
+    if (!PyArg_ParseTuple(args, "y*y*Ky*", &lv, &wid, &seq, &head)) return NULL;
+    if (lv.len % 32 != 0 || head.len != 32 || wid.len > 4096) {
+        PyErr_SetString(PyExc_ValueError, "leaves must be 32-byte digests, head 32 bytes");
+        goto out;
+    }
+    Py_ssize_t n = lv.len / 32;
+    if ((unsigned long long)n > ULLONG_MAX - seq) {
+        PyErr_SetString(PyExc_OverflowError, "sequence number overflow");
+        goto out;
+    }
+    result = PyBytes_FromStringAndSize(NULL, n * 32);
+    md = EVP_MD_fetch(NULL, "SHA2-256", NULL);
+    /* prev(32) + ns(writer) + ns(seq: at most 20 digits) + leaf(32) */
+    buf = (uint8_t *)malloc(32 + 8 + (size_t)wid.len + 24 + 32);
+    if (!result || !md || !buf) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        Py_CLEAR(result);
+        goto out;
+    }
+    uint8_t *hashes = (uint8_t *)PyBytes_AS_STRING(result);
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *prev = (const uint8_t *)head.buf;
+    int wn = snprintf((char *)buf + 32, 8, "%zd:", wid.len);
+    memcpy(buf + 32 + wn, wid.buf, (size_t)wid.len);
+    size_t fixed = 32 + (size_t)wn + (size_t)wid.len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char num[24];
+        int dn = snprintf(num, sizeof(num), "%llu", seq + 1 + (unsigned long long)i);
+        memcpy(buf, prev, 32);
+        size_t at = fixed;
+        at += (size_t)snprintf((char *)buf + at, 8, "%d:", dn);
+        memcpy(buf + at, num, (size_t)dn);
+        at += (size_t)dn;
+        memcpy(buf + at, (const uint8_t *)lv.buf + 32 * i, 32);
+        at += 32;
+        if (EVP_Digest(buf, at, hashes + 32 * i, NULL, md, NULL) != 1) {
+            failed = 1;
+            break;
+        }
+        prev = hashes + 32 * i;
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_RuntimeError, "libcrypto failed");
+    }
+out:
+    free(buf);
+    if (md) EVP_MD_free(md);
+    PyBuffer_Release(&lv);
+    PyBuffer_Release(&wid);
+    PyBuffer_Release(&head);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"extract", native_extract, METH_VARARGS,
      "extract(raw, now_us, sender, key_id, data_key, index_key) -> None | (rows, ords, columns)"},
+    {"link", native_link, METH_VARARGS,
+     "link(leaves, writer_id, seq, head) -> the chain's hashes, 32 bytes each, joined"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native",

@@ -53,6 +53,7 @@ from ._checkpointer import Checkpointer
 from ._checkpointer import for_service as checkpointer_for_service
 from ._config import ServiceConfig
 from ._extract import Extractor
+from ._fast import native_linker
 from ._infra import InfraConfig
 from ._metrics import Metrics
 from ._process import Processed, RequestProcessor, init_worker, native_for, work
@@ -127,7 +128,7 @@ class _Local:
             self.store, self.writer_id, TABLES, max_rows=config.batch_max_rows,
             expecting=lambda: self.processing,
             max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows,
-            spool=spool)
+            spool=spool, linker=native_linker() if config.native_extractor else None)
         self.writer.start()
         self.gateway = QueryGateway(self.store, self.encoder, self.credentials,
                                     self._record_access)

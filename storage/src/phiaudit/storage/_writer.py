@@ -48,8 +48,8 @@ from ._errors import PermanentError, StorageUnavailable
 from ._schema import Column
 from ._spool import BatchSpool, SpoolFull
 
-__all__ = ["BatchWriter", "Overloaded", "Rows", "TableSpec", "WriterStats", "link_arrow",
-           "unlinked_table"]
+__all__ = ["BatchWriter", "Linker", "Overloaded", "Rows", "TableSpec", "WriterStats",
+           "link_arrow", "unlinked_table"]
 
 #: The rows of one table in a ``submit``: a list of rows, or an Arrow table.
 Rows: TypeAlias = "Sequence[Sequence[Any]] | pa.Table"
@@ -130,27 +130,53 @@ def _fixed32(data: bytes, n: int) -> Any:
     return pa.Array.from_buffers(pa.binary(32), n, [None, pa.py_buffer(data)])
 
 
-def link_arrow(state: ChainState, table: pa.Table) -> tuple[pa.Table, int, bytes]:
+#: A compiled chain linker: (leaves joined, writer id, seq, head) -> the hashes joined.
+Linker: TypeAlias = Callable[[bytes, bytes, int, bytes], bytes]
+
+
+def _fixed_bytes(col: Any, width: int) -> bytes:
+    """A fixed-size binary column's values, joined (no object per value)."""
+    out = []
+    for chunk in col.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        if chunk.null_count:
+            raise ValueError("a null in a column that identifies or links rows")
+        start = chunk.offset * width
+        out.append(memoryview(chunk.buffers()[1])[start:start + n * width].tobytes())
+    return b"".join(out)
+
+
+def link_arrow(state: ChainState, table: pa.Table,
+               linker: Linker | None = None) -> tuple[pa.Table, int, bytes]:
     """Link the rows of ``table`` (schema ``arrow_schema(columns)`` of a chained table, whose
     ``hash`` column holds each row's leaf digest) continuing ``state``, as ``link_rows`` does.
+    ``linker`` computes the chain in compiled code (the receiver's ``_native.link``); without
+    it, a Python loop (~1.7 us a row) does.
 
     Returns a new table whose ``writer_id``, ``seq``, ``prev_hash`` and ``hash`` columns are
     filled, and the new (seq, head); neither ``table`` nor ``state`` changes (the caller
     commits the state only after the rows are stored).
     """
-    leaves = _column_values(table.column("hash"))
-    n = len(leaves)
-    if not n:
-        return table, state.seq, state.head
     if not pa.types.is_fixed_size_binary(table.schema.field("hash").type) or \
             table.schema.field("hash").type.byte_width != 32:
         raise TypeError("the hash column is not binary(32)")
-    sha = hashlib.sha256
+    n = table.num_rows
+    if not n:
+        return table, state.seq, state.head
     wid = state.writer_id.encode()
+    first = state.seq + 1
+    if linker is not None:
+        joined = linker(_fixed_bytes(table.column("hash"), 32), wid, state.seq, state.head)
+        if len(joined) != 32 * n:
+            raise ValueError("the linker returned the wrong number of hashes")
+        return _with_chain(state, table, joined, first), state.seq + n, joined[-32:]
+    leaves = _column_values(table.column("hash"))
+    sha = hashlib.sha256
     # prev_hash || ns(writer_id) || ns(seq) || leaf, with ns(writer_id) in the format itself
     # and the number of digits of seq counted, not formatted (~15% of the loop)
     fmt = b"%%b%d:%b%%d:%%d%%b" % (len(wid), wid.replace(b"%", b"%%"))
-    first = state.seq + 1
     seq, head = state.seq, state.head
     digits = len(b"%d" % seq) if seq > 0 else 1
     more = 10 ** digits
@@ -163,7 +189,13 @@ def link_arrow(state: ChainState, table: pa.Table) -> tuple[pa.Table, int, bytes
             more *= 10
         head = sha(fmt % (head, digits, seq, leaf)).digest()
         add(head)
-    joined = b"".join(hashes)
+    return _with_chain(state, table, b"".join(hashes), first), seq, head
+
+
+def _with_chain(state: ChainState, table: pa.Table, joined: bytes, first: int) -> pa.Table:
+    """``table`` with its chain columns for rows ``first``.. and their hashes ``joined``."""
+    n = table.num_rows
+    seq = first + n - 1
     if _NATIVE_U64:
         seqs = pa.Array.from_buffers(pa.uint64(), n, [
             None, pa.py_buffer(array.array("Q", range(first, seq + 1)))])
@@ -181,7 +213,7 @@ def link_arrow(state: ChainState, table: pa.Table) -> tuple[pa.Table, int, bytes
         i = schema.get_field_index(name)
         f = schema.field(i)
         table = table.set_column(i, f, arr if arr.type == f.type else arr.cast(f.type))
-    return table, seq, head
+    return table
 
 
 _leaf_plans: dict[tuple[str, ...], tuple[Callable[[Sequence[Any]], bytes], int, int]] = {}
@@ -272,6 +304,7 @@ class BatchWriter:
         on_commit: Callable[[int], None] | None = None,
         expecting: Callable[[], int] | None = None,
         spool: BatchSpool | None = None,
+        linker: Linker | None = None,
     ) -> None:
         self._store = store
         self.writer_id = writer_id
@@ -288,6 +321,7 @@ class BatchWriter:
         # how many requests are being processed and will submit rows soon (the service's
         # count); while there are any, a batch waits for them (up to max_wait)
         self._expecting = expecting
+        self._linker = linker
         self._spool = spool
         self._next_drain = 0.0
         self._queue: deque[_Item] = deque()
@@ -594,7 +628,7 @@ class BatchWriter:
                 if spec.chained:
                     state = self._states[name]
                     first = state.seq + 1
-                    data, seq, head = link_arrow(state, data)
+                    data, seq, head = link_arrow(state, data, self._linker)
                     token = f"{self.writer_id}:{name}:{first}:{head.hex()}"
                     new_states[name] = (seq, head)
                 else:

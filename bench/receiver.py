@@ -669,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = pool.sample(min(count, 64))
 
         cpu0 = svc.cpu_seconds()
+        before = svc.metrics()
         load, wall = drive(svc.address, pool, args.clients, args.seconds, spans, "measure")
         cpu1 = svc.cpu_seconds()
         hwm = svc.status("VmHWM")
@@ -678,6 +679,17 @@ def main(argv: list[str] | None = None) -> int:
             metrics = svc.metrics()
         except Exception as exc:
             metrics = {"error": type(exc).__name__}
+        # the group commit during the measured window: rows per insert, and how much of the
+        # time the writer was writing (the rest it waited for requests being processed)
+        batches = metrics.get("writer_batches", 0) - before.get("writer_batches", 0)
+        commit = {
+            "batches": batches,
+            "rows_per_batch": (metrics.get("writer_rows", 0) - before.get("writer_rows", 0))
+            / batches if batches else 0.0,
+            "writer_busy_share": (metrics.get("writer_busy_ms", 0)
+                                  - before.get("writer_busy_ms", 0)) / 1000 / wall
+            if wall else 0.0,
+        }
         stored = _verify_count(svc)
         code = svc.stop()
         log = svc.log_path.read_text(errors="replace")
@@ -731,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_end_bytes": rss_now, "rss_idle_bytes": rss_idle, "rss_end_parts": rss_parts,
             "cpu_seconds": cpu1 - cpu0, "cpu_cores_used": (cpu1 - cpu0) / wall if wall else 0,
             "stored_rows": stored, "exit_code": code, "writer": writer_line.split(": ", 2)[-1],
-            "metrics": metrics, "startup_seconds": startup_s,
+            "metrics": metrics, "startup_seconds": startup_s, "group_commit": commit,
         },
         "ceiling": ceiling,
         "ratio_service_to_ceiling": ratio,
@@ -762,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     if load.other_errors:
         row("other errors", json.dumps(load.other_errors))
     row("service CPU (cores busy)", f"{result['service']['cpu_cores_used']:.2f}")
+    row("rows per insert / writer busy", f"{commit['rows_per_batch']:,.0f} / "
+        f"{commit['writer_busy_share']:.0%}")
     row("rows stored / spans acked", f"{stored} / {load.acked_spans}")
     row("ceiling: parse spans/s", f"{ceiling['parse_spans_per_s']:,.0f}")
     row("ceiling: columnar insert rows/s", f"{ceiling['insert_rows_per_s']:,.0f}")

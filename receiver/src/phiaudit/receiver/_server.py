@@ -212,6 +212,10 @@ class _Query:
         snap["spool_skipped_blocks"] = self.svc.writer.stats.skipped_blocks
         snap["spool_reinserted_blocks"] = self.svc.writer.stats.reinserted_blocks
         snap["spool_rejected_blocks"] = self.svc.writer.stats.rejected_blocks
+        stats = self.svc.writer.stats
+        snap["writer_batches"] = stats.batches
+        snap["writer_rows"] = sum(stats.rows.values())
+        snap["writer_busy_ms"] = int(stats.busy_seconds * 1000)
         return json.dumps(snap).encode()
 
 

@@ -95,6 +95,8 @@ class WriterStats:
     shed_requests: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
+    #: time spent writing batches (their inserts or spooling), in total
+    busy_seconds: float = 0.0
 
 
 def _id_key(v: Any) -> Any:
@@ -659,6 +661,7 @@ class BatchWriter:
         self.stats.batches += 1
         self.stats.last_batch_rows = sum(i.nrows for i in batch)
         self.stats.last_commit_seconds = time.monotonic() - started
+        self.stats.busy_seconds += self.stats.last_commit_seconds
         if self._on_commit is not None:
             self._on_commit(self.stats.last_batch_rows)
 

@@ -29,6 +29,7 @@ from tests.receiver.otlp_raw import (
 )
 
 MAX_MESSAGE = 100_000
+MAX_ROWS = 40  # max_rows_per_request: audit rows (one per patient touched) in one request
 #: every identifier these tests send: none may appear in the service log
 SENT: list[str] = []
 
@@ -43,7 +44,7 @@ def _pid(tag: str) -> str:
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     base = tmp_path_factory.mktemp("bad-input")
     config = base / "phiaudit.yaml"
-    config.write_text(f"max_message_bytes: {MAX_MESSAGE}\n")
+    config.write_text(f"max_message_bytes: {MAX_MESSAGE}\nmax_rows_per_request: {MAX_ROWS}\n")
     service = start_service(base / "data", "--config", str(config))
     yield service
     code = service.stop()
@@ -192,6 +193,45 @@ def test_oversized_message_is_resource_exhausted(svc: RunningService,
     assert client.export(big) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.export(small) == grpc.StatusCode.OK  # the limit is the configured one
     assert len(_rows_for(svc, trace_id, "event_id")) == 1
+
+
+def test_a_request_that_fans_out_past_the_row_limit_is_resource_exhausted(
+        svc: RunningService, client: RawClient) -> None:
+    """A span makes one audit row per patient: a small request listing many patients could
+    make millions of rows (~1 kB each) in memory. Past ``max_rows_per_request`` the whole
+    request is refused with RESOURCE_EXHAUSTED and a counter, nothing of it is stored, and
+    the limit counts the compiled and the Python path's rows together (a span of each)."""
+    before = svc.metrics()
+    fits = new_trace_id()
+    raw = trace_request([audit_span(fits, [_pid("fan") for _ in range(20)]),
+                         audit_span(fits, [_pid("fan") for _ in range(MAX_ROWS - 20)])])
+    status = client.export(raw)
+    assert status == grpc.StatusCode.OK, status
+    assert len(_rows_for(svc, fits, "event_id")) == MAX_ROWS
+    too_many = new_trace_id()
+    cases = [
+        # one span past the limit
+        trace_request([audit_span(too_many, [_pid("fan") for _ in range(MAX_ROWS + 1)])]),
+        # spans the compiled path takes, and one it leaves to Python (a double attribute)
+        trace_request([audit_span(too_many, [_pid("fan") for _ in range(20)]),
+                       audit_span(too_many, [_pid("fan") for _ in range(MAX_ROWS - 19)],
+                                  **{"app.weight": 1.5})]),
+        # many small spans
+        trace_request([audit_span(too_many, _pid("fan")) for _ in range(MAX_ROWS + 1)]),
+    ]
+    for n, raw in enumerate(cases):
+        status = client.export(raw)  # not in the assertion: its bytes would be printed
+        assert status == grpc.StatusCode.RESOURCE_EXHAUSTED, f"case {n}: {status}"
+    record = logs_pb2.LogRecord(time_unix_nano=time.time_ns(), attributes=[
+        kv("phi.audit.event", True), kv("phi.audit.action", "read"),
+        kv("phi.patient.id", [_pid("fan") for _ in range(MAX_ROWS + 1)])])
+    status = client.export(logs_request([record]), logs=True)
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED, status
+    after = svc.metrics()
+    assert _delta(before, after, "traces_too_many_rows") == len(cases)
+    assert _delta(before, after, "logs_too_many_rows") == 1
+    assert _delta(before, after, "traces_acknowledged") == 1
+    assert _rows_for(svc, too_many, "event_id") == []
 
 
 def test_gzip_request_is_accepted(svc: RunningService, client: RawClient) -> None:

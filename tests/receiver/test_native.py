@@ -196,6 +196,31 @@ def _ubsan_build(out_dir: Path) -> Path | None:
     return out if proc.returncode == 0 else None
 
 
+def test_row_limit_is_the_same_on_both_paths(keys: nc.Keys) -> None:
+    """``max_rows``: the compiled walker leaves a request that would make more rows than that
+    to Python (returns None), and ``RequestProcessor`` refuses it whichever path runs, at
+    exactly the same count."""
+    from phiaudit.receiver._process import RequestTooLarge
+    from tests.receiver.otlp_raw import audit_span, new_trace_id, trace_request
+
+    tid = new_trace_id()
+    raw = trace_request([audit_span(tid, [f"syn-lim-{i}-{k}" for k in range(5)])
+                         for i in range(3)])
+    native = keys.native
+    now = time.time_ns() // 1000
+    got = native.extract(raw, "anonymous", now, 15)
+    assert got is not None and got[0].num_rows == 15
+    assert native.extract(raw, "anonymous", now, 14) is None
+    for compiled in (native, None):
+        for limit, refused in ((15, False), (14, True), (1, True), (None, False)):
+            proc = RequestProcessor(keys.encoder, Extractor([]), compiled, limit)
+            if refused:
+                with pytest.raises(RequestTooLarge):
+                    proc.process("traces", raw, "anonymous")
+            else:
+                assert len(proc.process("traces", raw, "anonymous").audit_rows) == 15
+
+
 @pytest.mark.parametrize("writer", ["w-1", "host-a/%d%b%%", "wrïter " * 40, ""])
 def test_compiled_linker_links_as_python(writer: str) -> None:
     """``_native.link`` (the writer's linker where the extension is built) gives exactly the

@@ -38,6 +38,7 @@ class ServiceConfig:
     batch_max_rows: int = 10_000
     batch_max_wait_ms: int = 200
     max_queue_rows: int = 500_000
+    max_rows_per_request: int = 50_000
     ack_timeout_ms: int = 5_000
     retry_after_ms: int = 1_000
     spool_max_bytes: int = 1 << 30
@@ -145,6 +146,8 @@ class ServiceConfig:
             errors.append("worker_min_bytes: must be an integer >= 0")
         if not isinstance(self.batch_max_wait_ms, int) or self.batch_max_wait_ms < 0:
             errors.append("batch_max_wait_ms: must be an integer >= 0")
+        if not isinstance(self.max_rows_per_request, int) or self.max_rows_per_request < 1:
+            errors.append("max_rows_per_request: must be an integer >= 1")
         if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:
             errors.append("max_message_bytes: at most 1 GiB")
         for key in ("checkpoint_interval_ms", "checkpoint_events", "checkpoint_heartbeat_ms"):

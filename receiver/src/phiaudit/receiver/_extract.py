@@ -78,6 +78,12 @@ class Extracted:
     traces: list[list[Any]] = field(default_factory=list)
     infra: list[InfraEvent] = field(default_factory=list)
     stats: ExtractStats = field(default_factory=ExtractStats)
+    #: at most this many audit rows (None: no limit); past it ``TooManyRows`` is raised
+    max_rows: int | None = None
+
+
+class TooManyRows(Exception):
+    """The request fans out to more audit rows (one per patient) than allowed."""
 
 
 def _value(av: Any) -> Any:
@@ -196,10 +202,11 @@ class Extractor:
 
     # -- traces --------------------------------------------------------------------------
     def traces(self, request: Any, sender: str = "", *, skip: Set[int] = frozenset(),
-               now_us: int | None = None) -> Extracted:
+               now_us: int | None = None, max_rows: int | None = None) -> Extracted:
         """``skip``: ordinals (1-based, in request order) of spans already turned into audit
-        rows by the compiled extractor; they are counted in ``spans`` and nothing else."""
-        out = Extracted()
+        rows by the compiled extractor; they are counted in ``spans`` and nothing else.
+        ``max_rows``: raise ``TooManyRows`` rather than make more audit rows than this."""
+        out = Extracted(max_rows=max_rows)
         st = out.stats
         if now_us is None:
             now_us = time.time_ns() // 1000
@@ -342,8 +349,8 @@ class Extractor:
         return "", ""
 
     # -- logs ----------------------------------------------------------------------------
-    def logs(self, request: Any, sender: str = "") -> Extracted:
-        out = Extracted()
+    def logs(self, request: Any, sender: str = "", *, max_rows: int | None = None) -> Extracted:
+        out = Extracted(max_rows=max_rows)
         st = out.stats
         now_us = time.time_ns() // 1000
         for rl in request.resource_logs:
@@ -481,6 +488,8 @@ class Extractor:
             st.patients_truncated += len(patients) - _MAX_PATIENTS
             extra["phi.patient.id.overflow"] = patients[_MAX_PATIENTS:]
             patients = patients[:_MAX_PATIENTS]
+        if out.max_rows is not None and st.audit_rows + (len(patients) or 1) > out.max_rows:
+            raise TooManyRows
         sha = hashlib.sha256
         append = out.audit.append
         for i, patient in enumerate(patients or [""]):

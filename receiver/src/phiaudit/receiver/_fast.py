@@ -72,13 +72,15 @@ class NativeTraces:
         self._schema = arrow_schema(AUDIT_COLUMNS)
         self._layouts: list[str] = list(_native.LAYOUTS)
 
-    def extract(self, raw: bytes, sender: str, now_us: int) -> tuple[pa.Table, set[int]] | None:
+    def extract(self, raw: bytes, sender: str, now_us: int,
+                max_rows: int = 0) -> tuple[pa.Table, set[int]] | None:
         """The audit rows (``audit_events`` schema; ``hash`` holds the leaf) of the eligible
         spans, and those spans' ordinals (1-based, request order) for the Python path to skip;
-        None when the request is one the compiled walker does not take (all to Python)."""
+        None when the request is one the compiled walker does not take (all to Python), which
+        includes one that would make more than ``max_rows`` rows (0: no limit)."""
         k = self._keys
         out: Any = _native.extract(raw, now_us, sender.encode("utf-8", "surrogatepass"),
-                                   k.key_id, k.data_key, k.index_key)
+                                   k.key_id, k.data_key, k.index_key, max_rows)
         if out is None:
             return None
         n, ords, columns = out

@@ -398,6 +398,7 @@ typedef struct {
     gbuf extra;   /* the JSON of extra */
     EVP_CIPHER_CTX *aes;
     EVP_MD_CTX *md, *hin, *hout, *tmp;
+    size_t max_rows;    /* 0: no limit; past it the request is left to Python (-3) */
     EVP_MD *sha256;     /* fetched once: an implicit fetch at every init takes locks */
     EVP_CIPHER *gcm;
     uint8_t key_hdr[4];
@@ -771,6 +772,8 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         } else if (npat == 1) {
             pat = one;
         }
+        /* a request that fans out past the row limit: Python refuses it (TooManyRows) */
+        if (o->max_rows && o->rows >= o->max_rows) return -3;
         /* the event id: SHA-256("span|" trace_id span_id "|0|" index)[:16] */
         uint8_t digest[32], eid[16];
         char idx[24];
@@ -1033,6 +1036,7 @@ static int walk(out_t *o, str_t req, walk_t *w) {
                 int prc = parse_span(h.s, &sp);
                 if (prc) { result = prc; goto done; }
                 int erc = emit_span(o, &sp, &res);
+                if (erc == -3) { result = -1; goto done; }
                 if (erc == -1) { result = -2; goto done; }
                 if (erc == -2) { result = -1; goto done; }
                 if (erc == 1 && gb_put(&w->ords, &ord, 4)) { result = -2; goto done; }
@@ -1060,7 +1064,9 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
     long long now_us;
     unsigned long key_id;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*Ly*ky*y*", &raw, &now_us, &snd, &key_id, &dk, &ik))
+    Py_ssize_t max_rows = 0;
+    if (!PyArg_ParseTuple(args, "y*Ly*ky*y*|n", &raw, &now_us, &snd, &key_id, &dk, &ik,
+                          &max_rows))
         return NULL;
     PyObject *result = NULL;
     out_t o;
@@ -1072,6 +1078,7 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
         goto out;
     }
     o.now_us = now_us;
+    o.max_rows = max_rows > 0 ? (size_t)max_rows : 0;
     o.sender = snd.buf;
     o.sender_n = (size_t)snd.len;
     o.key_hdr[0] = (uint8_t)(key_id >> 24);
@@ -1219,7 +1226,8 @@ out:
 
 static PyMethodDef methods[] = {
     {"extract", native_extract, METH_VARARGS,
-     "extract(raw, now_us, sender, key_id, data_key, index_key) -> None | (rows, ords, columns)"},
+     "extract(raw, now_us, sender, key_id, data_key, index_key[, max_rows]) -> None | "
+     "(rows, ords, columns)"},
     {"link", native_link, METH_VARARGS,
      "link(leaves, writer_id, seq, head) -> the chain's hashes, 32 bytes each, joined"},
     {NULL, NULL, 0, NULL}};

@@ -31,7 +31,7 @@ from phiaudit.storage import (
     unlinked_table,
 )
 
-from ._extract import Extracted, Extractor
+from ._extract import Extracted, Extractor, TooManyRows
 from ._fast import NativeTraces, native_available
 from ._infra import InfraConfig, roll_up
 
@@ -42,6 +42,11 @@ _log = logging.getLogger("phiaudit.receiver")
 
 class MalformedRequest(Exception):
     """The bytes are not a valid OTLP protobuf message (the reason carries no data)."""
+
+
+class RequestTooLarge(Exception):
+    """The request would make more audit rows (one per patient touched) than the configured
+    ``max_rows_per_request``: refused whole, before its rows fill memory."""
 
 
 @dataclass
@@ -56,20 +61,22 @@ class Processed:
 
 class RequestProcessor:
     def __init__(self, encoder: RecordEncoder, extractor: Extractor,
-                 native: NativeTraces | None = None) -> None:
+                 native: NativeTraces | None = None, max_rows: int | None = None) -> None:
         self.encoder = encoder
         self.extractor = extractor
         self.native = native
+        #: audit rows one request may make at most (None: no limit)
+        self.max_rows = max_rows
         self.native_failures = 0
 
     @classmethod
     def for_data_dir(cls, data_dir: Path, sensitive: list[str],
                      infra: dict[str, Any] | None = None,
-                     native: bool = True) -> RequestProcessor:
+                     native: bool = True, max_rows: int | None = None) -> RequestProcessor:
         ring = KeyRing.open(data_dir, create=False)
         return cls(RecordEncoder.for_ring(ring),
                    Extractor(sensitive, InfraConfig.from_mapping(infra or {})),
-                   native_for(ring) if native else None)
+                   native_for(ring) if native else None, max_rows)
 
     def _native_traces(self, raw: bytes, request: Any, sender: str) -> Processed | None:
         """The compiled extractor's rows plus the Python path's for the spans it left;
@@ -77,7 +84,7 @@ class RequestProcessor:
         assert self.native is not None
         now_us = time.time_ns() // 1000
         try:
-            got = self.native.extract(raw, sender, now_us)
+            got = self.native.extract(raw, sender, now_us, self.max_rows or 0)
         except Exception as exc:  # never lose a request to the fast path: Python does it
             self.native_failures += 1
             if self.native_failures == 1:
@@ -92,7 +99,9 @@ class RequestProcessor:
             extracted = Extracted()
             extracted.stats.spans = total
         else:
-            extracted = self.extractor.traces(request, sender, skip=skip, now_us=now_us)
+            extracted = self.extractor.traces(
+                request, sender, skip=skip, now_us=now_us,
+                max_rows=None if self.max_rows is None else self.max_rows - table.num_rows)
         if extracted.audit:
             rest = unlinked_table(AUDIT_COLUMNS, [self.encoder.audit_row(ev)
                                                   for ev in extracted.audit])
@@ -110,14 +119,17 @@ class RequestProcessor:
                 request = logs_service_pb2.ExportLogsServiceRequest.FromString(raw)
         except (DecodeError, RuntimeError, ValueError):
             raise MalformedRequest("not a valid protobuf message") from None
-        if signal == "traces":
-            if self.native is not None:
-                done = self._native_traces(raw, request, sender)
-                if done is not None:
-                    return done
-            extracted = self.extractor.traces(request, sender)
-        else:
-            extracted = self.extractor.logs(request, sender)
+        try:
+            if signal == "traces":
+                if self.native is not None:
+                    done = self._native_traces(raw, request, sender)
+                    if done is not None:
+                        return done
+                extracted = self.extractor.traces(request, sender, max_rows=self.max_rows)
+            else:
+                extracted = self.extractor.logs(request, sender, max_rows=self.max_rows)
+        except TooManyRows:
+            raise RequestTooLarge(f"more than {self.max_rows} audit rows") from None
         audit_row = self.encoder.audit_row
         return self._finish(extracted, [audit_row(ev) for ev in extracted.audit])
 
@@ -165,12 +177,13 @@ def _exit_with(service_pid: int) -> None:
 
 
 def init_worker(data_dir: str, sensitive: list[str], service_pid: int,
-                infra: dict[str, Any] | None = None, native: bool = True) -> None:
+                infra: dict[str, Any] | None = None, native: bool = True,
+                max_rows: int | None = None) -> None:
     global _worker
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True,
                      name="phiaudit-worker-watch").start()
-    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive, infra, native)
+    _worker = RequestProcessor.for_data_dir(Path(data_dir), sensitive, infra, native, max_rows)
 
 
 def work(signal: str, raw: bytes, sender: str) -> Processed:

@@ -36,7 +36,7 @@ from phiaudit.storage import (
 )
 
 from ._auth import SenderAuth, Unauthenticated
-from ._process import MalformedRequest
+from ._process import MalformedRequest, RequestTooLarge
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -133,6 +133,12 @@ class _Otlp:
             svc.metrics.inc(f"{signal}_malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "malformed OTLP request: not a valid protobuf message")
+        except RequestTooLarge:
+            svc.metrics.inc(f"{signal}_too_many_rows")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request would make more than {svc.config.max_rows_per_request} audit rows "
+                "(one per patient touched; max_rows_per_request): send it in smaller parts")
         except BrokenProcessPool:
             svc.metrics.inc("worker_failures")
             _log.error("a worker process died; restarting the worker pool")

@@ -217,7 +217,8 @@ class Service:
             max_workers=n, mp_context=ctx, initializer=init_worker,
             initargs=(str(Path(self.config.data_dir).resolve()),
                       list(self.config.sensitive_attributes), os.getpid(),
-                      dict(self.config.infra or {}), self.config.native_extractor))
+                      dict(self.config.infra or {}), self.config.native_extractor,
+                      self.config.max_rows_per_request))
         # start them now, not on the first request
         for f in [self._pool.submit(os.getpid) for _ in range(n)]:
             f.result(timeout=120)
@@ -242,7 +243,8 @@ class Service:
         self._local = local = _Local(cfg, store_factory=self._store_factory)
         self._processor = RequestProcessor(
             local.encoder, self.extractor,
-            native_for(local.keys) if cfg.native_extractor else None)
+            native_for(local.keys) if cfg.native_extractor else None,
+            cfg.max_rows_per_request)
         self._checkpointer = checkpointer_for_service(cfg, local)  # after the writer
         self._checkpointer.start()
         self._rules = RuleScheduler(cfg, local)  # after the writer; runs rules, sends alerts

@@ -221,6 +221,59 @@ def test_row_limit_is_the_same_on_both_paths(keys: nc.Keys) -> None:
                 assert len(proc.process("traces", raw, "anonymous").audit_rows) == 15
 
 
+def _extras(keys: nc.Keys, audit_rows: Any) -> list[tuple[uuid.UUID, str]]:
+    """(event id, decrypted extra JSON) of every row, in order: rows or an Arrow table."""
+    if isinstance(audit_rows, pa.Table):
+        rows = [(uuid.UUID(bytes=r["event_id"]), r["extra"])
+                for r in nc.table_rows(audit_rows)]
+    else:
+        names = [c.name for c in nc.AUDIT_COLUMNS]
+        i_id, i_extra = names.index("event_id"), names.index("extra")
+        rows = [(r[i_id], r[i_extra]) for r in audit_rows]
+    return [(eid, keys.cipher.decrypt("extra", bytes(blob), eid.bytes).decode())
+            for eid, blob in rows]
+
+
+def test_a_large_extra_is_stored_once_per_span_on_both_paths(keys: nc.Keys) -> None:
+    """A span listing many patients makes a row each; its ``extra`` JSON (the attributes the
+    mapping does not consume, and the list of patients past 10,000) went into every row: a
+    1 kB attribute on 3,000 patients made 3 MB, the overflow list of a 20,000-patient span
+    1.7 GB. Past 1 MiB per span only the first row carries it and the others name that row.
+    The compiled walker leaves such a request to Python; both processors store the same."""
+    from tests.receiver.otlp_raw import audit_span, new_trace_id, trace_request
+
+    big = trace_request([audit_span(new_trace_id(), [f"syn-x-{k}" for k in range(3000)],
+                                    **{"app.note": "n" * 1000})])
+    small = trace_request([audit_span(new_trace_id(), [f"syn-y-{k}" for k in range(3)],
+                                      **{"app.note": "n" * 1000})])
+    now = time.time_ns() // 1000
+    assert keys.native.extract(big, "anonymous", now) is None
+    assert keys.native.extract(small, "anonymous", now) is not None
+    seen = []
+    for compiled in (keys.native, None):
+        proc = RequestProcessor(keys.encoder, Extractor([]), compiled)
+        extras = _extras(keys, proc.process("traces", big, "anonymous").audit_rows)
+        assert len(extras) == 3000
+        first_id, first = extras[0]
+        assert json.loads(first)["app.note"] == "n" * 1000
+        assert {x for _, x in extras[1:]} == {json.dumps({"phi.extra.in_event": str(first_id)},
+                                                         separators=(",", ":"))}
+        small_extras = _extras(keys, proc.process("traces", small, "anonymous").audit_rows)
+        assert [json.loads(x)["app.note"] for _, x in small_extras] == ["n" * 1000] * 3
+        seen.append(extras)
+    assert seen[0] == seen[1]
+
+    overflow = trace_request([audit_span(new_trace_id(),
+                                         [f"syn-z-{k:05d}" for k in range(10_050)])])
+    proc = RequestProcessor(keys.encoder, Extractor([]), keys.native)
+    done = proc.process("traces", overflow, "anonymous")
+    extras = _extras(keys, done.audit_rows)
+    assert len(extras) == 10_000 and done.stats["patients_truncated"] == 50
+    assert json.loads(extras[0][1])["phi.patient.id.overflow"] == [
+        f"syn-z-{k:05d}" for k in range(10_000, 10_050)]
+    assert sum(len(x) for _, x in extras) < 2 * 1024 * 1024
+
+
 @pytest.mark.parametrize("writer", ["w-1", "host-a/%d%b%%", "wrïter " * 40, ""])
 def test_compiled_linker_links_as_python(writer: str) -> None:
     """``_native.link`` (the writer's linker where the extension is built) gives exactly the

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from phiaudit.storage import ACTIONS, AuditEvent, InfraEvent
+from phiaudit.storage import ACTIONS, AuditEvent, InfraEvent, extra_json
 
 from ._infra import InfraConfig, RecordContext, db_span_event, parse_record, sniff_kind
 
@@ -44,6 +44,10 @@ _FAILURE = {"failure", "fail", "failed", "error", "denied", "false"}
 _KINDS = ["Unspecified", "Internal", "Server", "Client", "Producer", "Consumer"]
 _STATUS = ["Unset", "Ok", "Error"]
 _MAX_PATIENTS = 10_000  # one span may fan out to at most this many rows; the rest is counted
+#: the bytes of ``extra`` JSON a span's rows may carry in all: past it, only the first row
+#: carries it and the others refer to that row (``phi.extra.in_event``); else a span listing
+#: many patients with a large attribute (or the overflow list) was copied into every row
+_MAX_SPAN_EXTRA_BYTES = 1 << 20
 _MAX_NS = (1 << 63) - 1  # DateTime64(9) is a signed 64-bit count of ns: clamp, never reject
 
 
@@ -59,6 +63,7 @@ class ExtractStats:
     bad_attribute_types: int = 0
     absurd_timestamps: int = 0
     patients_truncated: int = 0
+    extra_shared: int = 0  # spans whose extra only their first row carries (too large)
     infra_records_pgaudit: int = 0
     infra_records_cloudtrail: int = 0
     infra_records_vpcflow: int = 0
@@ -488,10 +493,16 @@ class Extractor:
             st.patients_truncated += len(patients) - _MAX_PATIENTS
             extra["phi.patient.id.overflow"] = patients[_MAX_PATIENTS:]
             patients = patients[:_MAX_PATIENTS]
-        if out.max_rows is not None and st.audit_rows + (len(patients) or 1) > out.max_rows:
+        n = len(patients) or 1
+        if out.max_rows is not None and st.audit_rows + n > out.max_rows:
             raise TooManyRows
         sha = hashlib.sha256
         append = out.audit.append
+        others = extra
+        if n > 1 and n * len(extra_json(extra).encode()) > _MAX_SPAN_EXTRA_BYTES:
+            first = uuid.UUID(bytes=sha(seed + b"0").digest()[:16])
+            others = {"phi.extra.in_event": str(first)}
+            st.extra_shared += 1
         for i, patient in enumerate(patients or [""]):
             # deterministic: a re-sent event keeps its id, and is stored once
             event_id = uuid.UUID(bytes=sha(seed + b"%d" % i).digest()[:16])
@@ -499,6 +510,7 @@ class Extractor:
                 event_id, t_us, now_us, action, outcome, time_source, source, reason, actor,
                 actor_type, roles, service, host, resource_type, resource_id, patient,
                 record_count, query, purpose, recipient, client_address, user_agent, device_id,
-                http_method, http_route, http_status, trace_id, span_id, sender, extra,
+                http_method, http_route, http_status, trace_id, span_id, sender,
+                extra if i == 0 else others,
             ))
         st.audit_rows += len(patients) or 1

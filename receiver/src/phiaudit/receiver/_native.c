@@ -568,6 +568,7 @@ typedef struct {
 static const int64_t MIN_TIME_US = 946684800000000LL;
 static const int64_t FUTURE_SLACK_US = 24LL * 3600 * 1000000;
 #define MAX_PATIENTS 10000
+#define MAX_SPAN_EXTRA ((size_t)1 << 20) /* _extract._MAX_SPAN_EXTRA_BYTES */
 #define MAX_ATTRS 128
 #define MAX_ROLES 256
 #define MAX_ID 64 /* bytes of a trace or span id */
@@ -704,6 +705,14 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         }
     }
     if (gb_putc(x, '}')) return -1;
+    /* a span whose rows would carry this JSON more than MAX_SPAN_EXTRA bytes in all: Python
+       stores it in the first row only (_extract._MAX_SPAN_EXTRA_BYTES), so the request is
+       left to Python. At most `cnt` rows: taking it means Python would not have shared. */
+    if (patient && patient->kind == K_ARRAY) {
+        size_t cnt = 0;
+        if (array_of_strings(patient->s, &cnt) < 0) return -2;
+        if (cnt >= 2 && x->len > MAX_SPAN_EXTRA / cnt) return -3;
+    }
 
     /* roles (list) */
     str_t role_items[MAX_ROLES];

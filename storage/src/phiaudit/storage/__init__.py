@@ -50,7 +50,15 @@ from ._merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from ._records import ACTIONS, AccessRecord, Alert, AuditEvent, InfraEvent, RecordEncoder
+from ._records import (
+    ACTIONS,
+    AccessRecord,
+    Alert,
+    AuditEvent,
+    InfraEvent,
+    RecordEncoder,
+    extra_json,
+)
 from ._schema import (
     ACCESS_LOG_COLUMNS,
     ALERT_COLUMNS,
@@ -150,6 +158,7 @@ __all__ = [
     "consistency_proof",
     "default_anchor_dir",
     "default_kek_path",
+    "extra_json",
     "inclusion_proof",
     "key_wrapper",
     "leaf_hash",

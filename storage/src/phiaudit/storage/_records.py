@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any
@@ -19,6 +20,11 @@ from ._crypto import BlindIndex, FieldCipher, KeyRing
 from ._schema import ACCESS_LOG_COLUMNS, ALERT_COLUMNS, AUDIT_COLUMNS, INFRA_COLUMNS
 
 _json = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
+
+
+def extra_json(extra: Mapping[str, Any]) -> str:
+    """The stored form of an event's ``extra`` attributes (before encryption)."""
+    return _json(extra)
 
 __all__ = ["ACTIONS", "AccessRecord", "Alert", "AuditEvent", "InfraEvent", "RecordEncoder"]
 

@@ -115,17 +115,8 @@ def _column_values(col: Any) -> list[Any]:
     if not pa.types.is_fixed_size_binary(typ):
         return [_id_key(v) for v in col.to_pylist()]
     w = typ.byte_width
-    out: list[Any] = []
-    for chunk in col.chunks:
-        n = len(chunk)
-        if not n:
-            continue
-        if chunk.null_count:
-            raise ValueError("a null in a column that identifies or links rows")
-        start = chunk.offset * w
-        data = memoryview(chunk.buffers()[1])[start:start + n * w].tobytes()
-        out += [data[i:i + w] for i in range(0, n * w, w)]
-    return out
+    data = _fixed_bytes(col, w)
+    return [data[i:i + w] for i in range(0, len(data), w)]
 
 
 def _fixed32(data: bytes, n: int) -> Any:

@@ -1177,6 +1177,7 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     uint8_t *buf = NULL;
     EVP_MD *md = NULL;
+    EVP_MD_CTX *ctx = NULL;
     int failed = 0;
     if (!PyArg_ParseTuple(args, "y*y*Ky*", &lv, &wid, &seq, &head)) return NULL;
     if (lv.len % 32 != 0 || head.len != 32 || wid.len > 4096) {
@@ -1190,9 +1191,10 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     }
     result = PyBytes_FromStringAndSize(NULL, n * 32);
     md = EVP_MD_fetch(NULL, "SHA2-256", NULL);
+    ctx = EVP_MD_CTX_new(); /* one context for every row: no allocation per digest */
     /* prev(32) + ns(writer) + ns(seq: at most 20 digits) + leaf(32) */
     buf = (uint8_t *)malloc(32 + 8 + (size_t)wid.len + 24 + 32);
-    if (!result || !md || !buf) {
+    if (!result || !md || !ctx || !buf) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         Py_CLEAR(result);
         goto out;
@@ -1213,7 +1215,8 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
         at += (size_t)dn;
         memcpy(buf + at, (const uint8_t *)lv.buf + 32 * i, 32);
         at += 32;
-        if (EVP_Digest(buf, at, hashes + 32 * i, NULL, md, NULL) != 1) {
+        if (EVP_DigestInit_ex(ctx, md, NULL) != 1 || EVP_DigestUpdate(ctx, buf, at) != 1 ||
+            EVP_DigestFinal_ex(ctx, hashes + 32 * i, NULL) != 1) {
             failed = 1;
             break;
         }
@@ -1226,6 +1229,7 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     }
 out:
     free(buf);
+    if (ctx) EVP_MD_CTX_free(ctx);
     if (md) EVP_MD_free(md);
     PyBuffer_Release(&lv);
     PyBuffer_Release(&wid);

@@ -213,12 +213,12 @@ class _Query:
         snap = self.svc.metrics.snapshot()
         snap["queued_rows"] = self.svc.writer.queued_rows
         snap["spool_bytes"] = self.svc.writer.spool_bytes
-        snap["spooled_blocks"] = self.svc.writer.stats.spooled_blocks
-        snap["drained_blocks"] = self.svc.writer.stats.drained_blocks
-        snap["spool_skipped_blocks"] = self.svc.writer.stats.skipped_blocks
-        snap["spool_reinserted_blocks"] = self.svc.writer.stats.reinserted_blocks
-        snap["spool_rejected_blocks"] = self.svc.writer.stats.rejected_blocks
         stats = self.svc.writer.stats
+        snap["spooled_blocks"] = stats.spooled_blocks
+        snap["drained_blocks"] = stats.drained_blocks
+        snap["spool_skipped_blocks"] = stats.skipped_blocks
+        snap["spool_reinserted_blocks"] = stats.reinserted_blocks
+        snap["spool_rejected_blocks"] = stats.rejected_blocks
         snap["writer_batches"] = stats.batches
         snap["writer_rows"] = sum(stats.rows.values())
         snap["writer_busy_ms"] = int(stats.busy_seconds * 1000)

@@ -303,8 +303,6 @@ class BatchWriter:
         self.writer_id = writer_id
         self._specs = {t.name: t for t in tables}
         self._states: dict[str, ChainState] = {}
-        # per chained table: the newest seq known to be in the store (not only spooled)
-        self._stored_seq: dict[str, int] = {}
         self._max_rows = max_rows
         self._max_wait = max_wait
         self._max_queue_rows = max_queue_rows
@@ -338,7 +336,6 @@ class BatchWriter:
             if spec.chained:
                 seq, head = self._store.chain_head(spec.name, self.writer_id)
                 self._states[spec.name] = ChainState(self.writer_id, seq, head)
-                self._stored_seq[spec.name] = seq
             if spec.dedup_column:
                 # remember what this writer committed last, so a restart keeps deduplicating
                 _, rows = self._store.query(
@@ -383,10 +380,13 @@ class BatchWriter:
         stored (the log entry is written before the part: a crash in between leaves one
         behind) and is inserted once more under a fresh token."""
         assert self._spool is not None
+        stored: dict[str, int] = {}  # per chained table: the store's head, asked once a drain
         for entry in self._spool.entries():
             spec = self._specs.get(entry.table)
             chained = spec is not None and spec.chained and entry.last_seq > 0
-            if chained and entry.last_seq <= self._stored_seq.get(entry.table, 0):
+            if chained and entry.table not in stored:
+                stored[entry.table] = self._store.chain_head(entry.table, self.writer_id)[0]
+            if chained and entry.last_seq <= stored[entry.table]:
                 self._spool.remove(entry)
                 self.stats.skipped_blocks += 1
                 continue
@@ -413,7 +413,7 @@ class BatchWriter:
                     if seq < entry.last_seq:
                         raise StorageUnavailable("a spooled block is not in the store after "
                                                  "its insert")
-                self._stored_seq[entry.table] = entry.last_seq
+                stored[entry.table] = entry.last_seq
             self._spool.remove(entry)
             self.stats.drained_blocks += 1
         self._healthy = True
@@ -637,8 +637,6 @@ class BatchWriter:
                 self._spool.append(name, spec.columns, data, token, *seq_head)
             else:
                 self._store.insert_arrow(name, data, token)
-                if name in new_states:
-                    self._stored_seq[name] = new_states[name][0]
             # committed: whatever happens to the batch's other tables, these rows are never
             # linked or inserted again (re-linking them from the old head forked the chain)
             for item in batch:

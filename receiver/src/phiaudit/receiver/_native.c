@@ -600,6 +600,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
     } else {
         return 0;
     }
+    size_t patient_items = 0; /* items of a phi.patient.id list (empty ones included) */
     for (size_t i = 0; i < as->n; i++) {
         const attr_t *a = &as->a[i];
         if (a->bad) return 0;
@@ -616,6 +617,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
             size_t cnt;
             int r = array_of_strings(a->s, &cnt);
             if (r < 0) return -2;
+            if (str_eq(a->key, "phi.patient.id")) patient_items = cnt;
             if (r == 1 && cnt <= MAX_PATIENTS) continue;
         }
         return 0;
@@ -707,12 +709,9 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
     if (gb_putc(x, '}')) return -1;
     /* a span whose rows would carry this JSON more than MAX_SPAN_EXTRA bytes in all: Python
        stores it in the first row only (_extract._MAX_SPAN_EXTRA_BYTES), so the request is
-       left to Python. At most `cnt` rows: taking it means Python would not have shared. */
-    if (patient && patient->kind == K_ARRAY) {
-        size_t cnt = 0;
-        if (array_of_strings(patient->s, &cnt) < 0) return -2;
-        if (cnt >= 2 && x->len > MAX_SPAN_EXTRA / cnt) return -3;
-    }
+       left to Python. At most `patient_items` rows: taking it means Python would not have
+       shared. */
+    if (patient_items >= 2 && x->len > MAX_SPAN_EXTRA / patient_items) return -3;
 
     /* roles (list) */
     str_t role_items[MAX_ROLES];

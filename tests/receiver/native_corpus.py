@@ -874,10 +874,12 @@ def differential(keys: Keys, raw: bytes, where: str = "request",
     ext = keys.extractor
     ref = ext.traces(request, SENDER, now_us=now_us)
     ref_rows = python_rows(keys, ref)
-    got = keys.native.extract(raw, SENDER, now_us)
+    # validating as well (where it can): bytes protobuf accepts must pass, the count must agree
+    got = keys.native.extract(raw, SENDER, now_us, validate=keys.native.validates)
     if got is None:
         return Outcome(True, set(), 0, ref.stats.spans)
-    table, skip = got
+    table, skip, spans = got
+    assert spans == ref.stats.spans, f"{where}: {spans} spans, protobuf counts {ref.stats.spans}"
     table.validate(full=True)
     assert table.schema == keys.native._schema
     assert all(1 <= o <= ref.stats.spans for o in skip), f"{where}: ordinal out of range"

@@ -208,16 +208,18 @@ def structured_mutate(b: bytes, rng: random.Random, depth: int = 0) -> bytes:
 
 
 def check_shape(out: Any, raw_len: int) -> int:
-    """None or a well-formed (rows, ords, columns); returns the number of rows."""
+    """None or a well-formed (rows, ords, columns, spans); returns the number of rows."""
     if out is None:
         return 0
-    assert isinstance(out, tuple) and len(out) == 3, "not a 3-tuple"
-    n, ords, cols = out
+    assert isinstance(out, tuple) and len(out) == 4, "not a 4-tuple"
+    n, ords, cols, spans = out
     assert isinstance(n, int) and n >= 0
+    assert isinstance(spans, int) and spans >= 0
     assert isinstance(ords, bytes) and len(ords) % 4 == 0
     o = memoryview(ords).cast("i").tolist()
     assert o == sorted(set(o)) and all(x >= 1 for x in o), "ordinals not increasing"
     assert len(o) <= n, "an ordinal without a row"
+    assert not o or o[-1] <= spans, "an ordinal past the span count"
     layouts = list(_native.LAYOUTS)
     assert isinstance(cols, tuple) and len(cols) == len(layouts)
     widths = {"f16": 16, "f32": 32, "i64": 8, "u64": 8, "u32": 4, "u16": 2}
@@ -238,6 +240,14 @@ def check_shape(out: Any, raw_len: int) -> int:
     return n
 
 
+def protobuf_accepts(raw: bytes) -> bool:
+    try:
+        trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 class Fuzz:
     def __init__(self, keys: nc.Keys, out_dir: Path, deadline: float) -> None:
         self.keys = keys
@@ -253,6 +263,31 @@ class Fuzz:
         p = self.out_dir / f"failure-{len(self.failures)}.bin"
         p.write_bytes(raw)
         self.failures.append(f"{why} (input saved as {p})")
+
+    def validated(self, raw: bytes, phase: str, accepted: bool) -> None:
+        """The compiled validator (alone, and in front of the extractor) gives protobuf's
+        verdict, and the extractor then returns no rows for what protobuf refuses."""
+        self.stats["validator.checked"] += 1
+        self.stats["validator.accepts" if accepted else "validator.refuses"] += 1
+        verdict, spans = _native.validate_traces(raw)
+        if verdict is not accepted:
+            self.save(raw, f"{phase}: the compiled validator says {verdict}, protobuf "
+                      f"{accepted}")
+            return
+        try:
+            out = _native.extract(raw, nc.NOW_US, b"fuzz", 7, KEY, KEY, 0, True)
+            if out is not False:
+                check_shape(out, len(raw))
+        except AssertionError as exc:
+            self.save(raw, f"{phase}: malformed result (validating): {exc}")
+            return
+        except MemoryError:
+            return
+        if (out is False) is accepted:
+            self.save(raw, f"{phase}: extract(validate) gave {out is not False}, protobuf "
+                      f"{accepted}")
+        elif out and out[3] != spans:
+            self.save(raw, f"{phase}: extract counts {out[3]} spans, the validator {spans}")
 
     def one(self, raw: bytes, phase: str, compare: bool = True, slow_s: float = 2.0,
             sample: int = 1) -> None:
@@ -273,11 +308,11 @@ class Fuzz:
         if dt > slow_s:
             self.slow.append(f"{phase}: {len(raw)} bytes took {dt:.2f} s")
         self.stats[f"{phase}.none" if out is None else f"{phase}.tuple"] += 1
+        accepted = protobuf_accepts(raw)
+        self.validated(raw, phase, accepted)
         if out is None or not compare:
             return
-        try:
-            trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
-        except (DecodeError, RuntimeError, ValueError):
+        if not accepted:
             self.stats[f"{phase}.protobuf_rejects"] += 1
             if out[0]:
                 self.stats[f"{phase}.rows_where_protobuf_rejects"] += 1

@@ -7,6 +7,12 @@ walks the wire format once and calls libcrypto directly, and hands back Arrow bu
 Python object per row). Only spans it maps exactly as the Python code does are taken (see
 ``_native.c``); the caller runs the Python path on the rest of the request.
 
+It also validates the request as protobuf (upb) would (``_native.c``, ``validate``), so that
+the service need not parse a request with protobuf only to refuse a malformed one: where the
+compiled validator's schema matches the installed ``opentelemetry-proto`` and the runtime is
+upb with its default depth limit (``validation_available``), ``extract(..., validate=True)``
+raises ``MalformedTraces`` for the bytes protobuf refuses.
+
 The extension is optional: built by ``make`` (``receiver/build_native.py``) where a C compiler
 and OpenSSL's headers exist. Without it, or when ``native_extractor: false`` is configured,
 every span takes the Python path.
@@ -14,14 +20,21 @@ every span takes the Python path.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.internal import api_implementation
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from phiaudit.storage import AUDIT_COLUMNS, ColumnKeys, arrow_schema
 
-__all__ = ["NativeTraces", "native_available", "native_linker"]
+__all__ = ["MalformedTraces", "NativeResult", "NativeTraces", "native_available",
+           "native_linker", "validation_available"]
 
 _log = logging.getLogger("phiaudit.receiver")
 
@@ -43,6 +56,107 @@ def native_available() -> tuple[bool, str]:
     return True, ""
 
 
+# the wire kind of each field type, as the compiled validator names it
+_VARINT = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+           FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+           FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM}
+_FIXED64 = {FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+            FieldDescriptor.TYPE_DOUBLE}
+_FIXED32 = {FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32,
+            FieldDescriptor.TYPE_FLOAT}
+
+
+def _wire_kind(f: FieldDescriptor, proto3: bool) -> str:
+    """What the compiled validator must know of a field. What it does not handle (repeated
+    numbers, which may come packed; groups; strings outside proto3, which upb does not check
+    for UTF-8) gets a name the validator never uses, so that the schemas differ."""
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return "message"
+    if f.type == FieldDescriptor.TYPE_STRING:
+        return "string" if proto3 else "string (not proto3)"
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return "bytes"
+    if _repeated(f):
+        return "repeated number (packed)"
+    if f.type in _VARINT:
+        return "varint"
+    if f.type in _FIXED64:
+        return "fixed64"
+    if f.type in _FIXED32:
+        return "fixed32"
+    return f"type {f.type}"
+
+
+def _repeated(f: FieldDescriptor) -> bool:
+    flag = getattr(f, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(f.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def trace_schema(root: Descriptor | None = None) -> tuple[tuple[str, tuple[tuple[int, str, str],
+                                                                           ...]], ...]:
+    """Every message reachable from ExportTraceServiceRequest in the installed descriptors, in
+    the shape of ``_native.TRACE_SCHEMA`` (sorted by name, fields by number)."""
+    seen: dict[str, tuple[tuple[int, str, str], ...]] = {}
+
+    def walk(d: Descriptor) -> None:
+        if d.full_name in seen:
+            return
+        proto3 = _syntax(d.file.name) == "proto3"  # editions: not handled, refused
+        if d.GetOptions().message_set_wire_format or d.extension_ranges:
+            # neither is in OTLP: refuse to agree rather than guess
+            seen[d.full_name] = ((0, "extensions or message set", ""),)
+            return
+        seen[d.full_name] = tuple(sorted(
+            (f.number, _wire_kind(f, proto3),
+             f.message_type.full_name if f.type == FieldDescriptor.TYPE_MESSAGE else "")
+            for f in d.fields))
+        for f in d.fields:
+            if f.type == FieldDescriptor.TYPE_MESSAGE:
+                walk(f.message_type)
+
+    walk(root or trace_service_pb2.ExportTraceServiceRequest.DESCRIPTOR)
+    return tuple(sorted(seen.items()))
+
+
+@functools.cache
+def _syntax(file_name: str) -> str:
+    proto = descriptor_pb2.FileDescriptorProto()
+    trace_service_pb2.DESCRIPTOR.pool.FindFileByName(file_name).CopyToProto(proto)
+    return str(proto.syntax)
+
+
+def _upb_accepts(raw: bytes) -> bool:
+    try:
+        trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+@functools.cache
+def validation_available() -> tuple[bool, str]:
+    """Whether the compiled validator gives protobuf's verdict here, and why not: the
+    extension is built, the protobuf runtime is upb, the validator's schema is that of the
+    installed descriptors, and upb's depth limit is the one the validator applies."""
+    ok, why = native_available()
+    if not ok:
+        return False, why
+    if api_implementation.Type() != "upb":
+        return False, f"the protobuf runtime is {api_implementation.Type()}, not upb"
+    native = tuple(sorted((name, tuple(sorted(fields))) for name, fields in
+                          _native.TRACE_SCHEMA))
+    if native != trace_schema():
+        return False, "the compiled validator was built for another opentelemetry-proto"
+    depth = int(_native.MAX_DEPTH)  # nested groups: each one level
+    for n in (depth, depth + 1):
+        raw = b"\x0b" * n + b"\x0c" * n
+        if _upb_accepts(raw) != (n == depth) or _native.validate_traces(raw)[0] != (n == depth):
+            return False, "protobuf's depth limit is not the compiled validator's"
+    return True, ""
+
+
 def native_linker() -> Any:
     """The compiled hash-chain linker for ``BatchWriter(linker=...)`` (~0.4 us a row against
     ~1.7 in Python), or None where the extension is not available."""
@@ -61,6 +175,20 @@ def _array(typ: pa.DataType, layout: str, n: int, bufs: tuple[bytes, bytes, byte
     return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(data)])
 
 
+class MalformedTraces(Exception):
+    """protobuf would refuse these bytes as an ExportTraceServiceRequest (the compiled
+    validator's verdict; the reason carries no data)."""
+
+
+class NativeResult(NamedTuple):
+    #: the audit rows of the spans taken (``audit_events`` schema; ``hash`` holds the leaf)
+    table: pa.Table
+    #: the ordinals (1-based, request order) of the spans taken, for the Python path to skip
+    skip: set[int]
+    #: the request's spans, all of them (as protobuf counts them)
+    spans: int
+
+
 class NativeTraces:
     """One per process that extracts (the service, or each worker)."""
 
@@ -71,21 +199,30 @@ class NativeTraces:
         self._keys = keys
         self._schema = arrow_schema(AUDIT_COLUMNS)
         self._layouts: list[str] = list(_native.LAYOUTS)
+        #: whether ``extract(..., validate=True)`` gives protobuf's verdict here
+        self.validates, why = validation_available()
+        if not self.validates:
+            _log.warning("%s: every trace request is parsed with protobuf to validate it", why)
 
-    def extract(self, raw: bytes, sender: str, now_us: int,
-                max_rows: int = 0) -> tuple[pa.Table, set[int]] | None:
-        """The audit rows (``audit_events`` schema; ``hash`` holds the leaf) of the eligible
-        spans, and those spans' ordinals (1-based, request order) for the Python path to skip;
+    def extract(self, raw: bytes, sender: str, now_us: int, max_rows: int = 0,
+                validate: bool = False) -> NativeResult | None:
+        """The audit rows of the eligible spans, their ordinals and the request's span count;
         None when the request is one the compiled walker does not take (all to Python), which
-        includes one that would make more than ``max_rows`` rows (0: no limit)."""
+        includes one that would make more than ``max_rows`` rows (0: no limit). With
+        ``validate`` (only where ``self.validates``), raises ``MalformedTraces`` when protobuf
+        would refuse the bytes; a request it returns is one protobuf accepts."""
+        if validate and not self.validates:
+            raise RuntimeError("the compiled validator does not match protobuf here")
         k = self._keys
         out: Any = _native.extract(raw, now_us, sender.encode("utf-8", "surrogatepass"),
-                                   k.key_id, k.data_key, k.index_key, max_rows)
+                                   k.key_id, k.data_key, k.index_key, max_rows, validate)
+        if out is False:
+            raise MalformedTraces("not a valid protobuf message")
         if out is None:
             return None
-        n, ords, columns = out
+        n, ords, columns, spans = out
         arrays = [_array(field.type, layout, n, bufs) for field, layout, bufs in
                   zip(self._schema, self._layouts, columns, strict=True)]
         table = pa.Table.from_arrays(arrays, schema=self._schema)
         skip = set(memoryview(ords).cast("i").tolist()) if ords else set()
-        return table, skip
+        return NativeResult(table, skip, spans)

@@ -13,9 +13,13 @@
  * returned). tests/receiver/test_native.py checks that both paths give the same rows.
  *
  * The input is untrusted: every read is bounds-checked, every length is checked against the
- * end of its enclosing message, and nesting is bounded by the schema (no recursion). The
- * caller has already validated the bytes with the protobuf runtime; on anything this parser
- * does not understand it returns None and the caller uses the Python path for the request.
+ * end of its enclosing message, and nesting is bounded by the schema (no recursion in the
+ * walk). Called with `validate`, extract first gives the protobuf runtime's verdict on the
+ * bytes (validate(): the same requests accepted and refused as upb, without building them;
+ * bounded recursion there) and returns False for a request protobuf would refuse: the service
+ * then parses a request with protobuf only when spans are left to the Python path. On
+ * anything the walk does not understand it returns None and the caller uses the Python path
+ * (and protobuf) for the request.
  *
  * Crypto (OpenSSL libcrypto): AES-256-GCM with a fresh random 96-bit nonce per field
  * (RAND_bytes), AAD "phiaudit:v1|<column>|<event id>", layout 01 || key id (4, BE) ||
@@ -169,6 +173,286 @@ static int next_field(rd_t *r, fld_t *f) {
     default:
         return -1; /* groups: not used by OTLP */
     }
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* validation: exactly the requests the protobuf runtime accepts                          */
+/*
+ * The service answers INVALID_ARGUMENT to a request Python's protobuf (upb) refuses to
+ * parse, and used to parse every request with it for that alone (~1.5-2.5 us a span, with
+ * the GIL held). validate() gives the same verdict without building the message: it walks
+ * the wire format with the schema of ExportTraceServiceRequest (every message reachable from
+ * it, TRACE_SCHEMA below; phiaudit.receiver._fast compares it with the installed descriptors
+ * and turns the compiled validation off on any difference). upb's rules, each checked
+ * against it (tests/receiver/test_validate.py compares the verdicts on mutated requests):
+ *
+ * - a tag is a varint of at most 5 bytes (an over-long encoding of a small tag included)
+ *   and at most 2^32 - 1; field number 0 is refused, except inside a group (below);
+ * - a varint value is at most 10 bytes; the 10th byte's high bits are ignored;
+ * - a length is a varint of at most 5 bytes, and must not pass the end of the enclosing
+ *   message (nor 2^31 - 1: no input here is that long, see validate());
+ * - fixed64 / fixed32 need 8 / 4 bytes; wire types 6 and 7 are refused;
+ * - a known field with another wire type than its own is an unknown field (not refused);
+ *   unknown fields are skipped, their length-delimited contents never looked into;
+ * - a group (wire type 3) in an unknown field (or a known one sent as a group) is skipped up
+ *   to the end-group tag of the same field number (the same tag value: an over-long
+ *   encoding of it is accepted); inside a group any field number, 0 included, is skipped;
+ *   an end-group (wire type 4) that closes no open group, or another field's, is refused,
+ *   as is a group still open at the end of its message;
+ * - proto3 `string` fields must be valid UTF-8 (no over-long forms, surrogates or code points
+ *   past U+10FFFF; NUL is valid); `bytes` fields and unknown fields are not checked;
+ * - depth: the request is level 0, each message field and each group one level deeper;
+ *   level 100 is accepted, 101 refused (an empty message counts too).
+ * Enum values, int32 truncation, duplicate singular fields and oneof members: no effect on the
+ * verdict. Recursion is bounded by the depth limit (at most 101 frames).
+ */
+
+#define PB_MAX_DEPTH 100 /* upb's default: Python's protobuf without SetAllowOversizeProtos */
+
+enum { V_UNKNOWN = 0, V_VARINT, V_FIXED64, V_FIXED32, V_STRING, V_BYTES, V_MESSAGE };
+static const char *V_KIND_NAMES[] = {"", "varint", "fixed64", "fixed32", "string", "bytes",
+                                     "message"};
+static const uint8_t V_WIRE[] = {8, 0, 1, 5, 2, 2, 2}; /* 8: matches no wire type */
+
+enum { M_REQUEST, M_RESOURCE_SPANS, M_RESOURCE, M_KEY_VALUE, M_ANY_VALUE, M_ARRAY_VALUE,
+       M_KEY_VALUE_LIST, M_ENTITY_REF, M_SCOPE_SPANS, M_SCOPE, M_SPAN, M_EVENT, M_LINK,
+       M_STATUS, NMSGS };
+
+typedef struct {
+    uint8_t number, kind, msg; /* msg: for V_MESSAGE */
+} vfield_t;
+
+#define V_FIELDS 24 /* fields of a message at most, plus the {0} that ends the list */
+typedef struct {
+    const char *name;
+    vfield_t fields[V_FIELDS]; /* up to the first {0} */
+} vmsg_t;
+
+#define MSG(n, m) {n, V_MESSAGE, m}
+static const vmsg_t TRACE_SCHEMA[NMSGS] = {
+    [M_REQUEST] = {"opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest",
+                   {MSG(1, M_RESOURCE_SPANS)}},
+    [M_RESOURCE_SPANS] = {"opentelemetry.proto.trace.v1.ResourceSpans",
+                          {MSG(1, M_RESOURCE), MSG(2, M_SCOPE_SPANS), {3, V_STRING, 0}}},
+    [M_RESOURCE] = {"opentelemetry.proto.resource.v1.Resource",
+                    {MSG(1, M_KEY_VALUE), {2, V_VARINT, 0}, MSG(3, M_ENTITY_REF)}},
+    [M_KEY_VALUE] = {"opentelemetry.proto.common.v1.KeyValue",
+                     {{1, V_STRING, 0}, MSG(2, M_ANY_VALUE), {3, V_VARINT, 0}}},
+    [M_ANY_VALUE] = {"opentelemetry.proto.common.v1.AnyValue",
+                     {{1, V_STRING, 0}, {2, V_VARINT, 0}, {3, V_VARINT, 0}, {4, V_FIXED64, 0},
+                      MSG(5, M_ARRAY_VALUE), MSG(6, M_KEY_VALUE_LIST), {7, V_BYTES, 0},
+                      {8, V_VARINT, 0}}},
+    [M_ARRAY_VALUE] = {"opentelemetry.proto.common.v1.ArrayValue", {MSG(1, M_ANY_VALUE)}},
+    [M_KEY_VALUE_LIST] = {"opentelemetry.proto.common.v1.KeyValueList",
+                          {MSG(1, M_KEY_VALUE)}},
+    [M_ENTITY_REF] = {"opentelemetry.proto.common.v1.EntityRef",
+                      {{1, V_STRING, 0}, {2, V_STRING, 0}, {3, V_STRING, 0},
+                       {4, V_STRING, 0}}},
+    [M_SCOPE_SPANS] = {"opentelemetry.proto.trace.v1.ScopeSpans",
+                       {MSG(1, M_SCOPE), MSG(2, M_SPAN), {3, V_STRING, 0}}},
+    [M_SCOPE] = {"opentelemetry.proto.common.v1.InstrumentationScope",
+                 {{1, V_STRING, 0}, {2, V_STRING, 0}, MSG(3, M_KEY_VALUE), {4, V_VARINT, 0}}},
+    [M_SPAN] = {"opentelemetry.proto.trace.v1.Span",
+                {{1, V_BYTES, 0}, {2, V_BYTES, 0}, {3, V_STRING, 0}, {4, V_BYTES, 0},
+                 {5, V_STRING, 0}, {6, V_VARINT, 0}, {7, V_FIXED64, 0}, {8, V_FIXED64, 0},
+                 MSG(9, M_KEY_VALUE), {10, V_VARINT, 0}, MSG(11, M_EVENT), {12, V_VARINT, 0},
+                 MSG(13, M_LINK), {14, V_VARINT, 0}, MSG(15, M_STATUS), {16, V_FIXED32, 0}}},
+    [M_EVENT] = {"opentelemetry.proto.trace.v1.Span.Event",
+                 {{1, V_FIXED64, 0}, {2, V_STRING, 0}, MSG(3, M_KEY_VALUE), {4, V_VARINT, 0}}},
+    [M_LINK] = {"opentelemetry.proto.trace.v1.Span.Link",
+                {{1, V_BYTES, 0}, {2, V_BYTES, 0}, {3, V_STRING, 0}, MSG(4, M_KEY_VALUE),
+                 {5, V_VARINT, 0}, {6, V_FIXED32, 0}}},
+    [M_STATUS] = {"opentelemetry.proto.trace.v1.Status", {{2, V_STRING, 0}, {3, V_VARINT, 0}}},
+};
+#undef MSG
+
+/* by message and tag value (field number << 3 | wire type), for tags below 256: the kind
+   of a known field sent with its own wire type, else V_UNKNOWN; and the submessage type */
+#define V_TAGS 256
+static uint8_t V_KIND[NMSGS][V_TAGS], V_SUB[NMSGS][V_TAGS]; /* filled at import */
+
+static int v_init(void) {
+    for (int m = 0; m < NMSGS; m++)
+        for (const vfield_t *f = TRACE_SCHEMA[m].fields; f->number; f++) {
+            if (f - TRACE_SCHEMA[m].fields >= V_FIELDS - 1) return -1; /* no {0} at the end */
+            unsigned t = (unsigned)f->number << 3 | V_WIRE[f->kind];
+            if (t >= V_TAGS) return -1; /* a field number past 31: widen the tables */
+            V_KIND[m][t] = f->kind;
+            V_SUB[m][t] = f->msg;
+        }
+    return 0;
+}
+
+/* a varint of at most `max` bytes (upb: 10 for a value, 5 for a tag or a length) */
+static int v_varint(const uint8_t **pp, const uint8_t *end, int max, uint64_t *out) {
+    const uint8_t *p = *pp;
+    uint64_t v = 0;
+    for (int i = 0; i < max; i++) {
+        if (p >= end) return 0;
+        uint8_t c = *p++;
+        v |= (uint64_t)(c & 0x7f) << (7 * i); /* i <= 9: bits past 64 are dropped, as upb */
+        if (!(c & 0x80)) {
+            *pp = p;
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static inline int v_tag(const uint8_t **pp, const uint8_t *end, uint32_t *tag) {
+    uint64_t t;
+    if (*pp < end && **pp < 0x80) { /* one byte: the common case */
+        *tag = *(*pp)++;
+        return 1;
+    }
+    if (!v_varint(pp, end, 5, &t) || t > UINT32_MAX) return 0;
+    *tag = (uint32_t)t;
+    return 1;
+}
+
+/* the payload length of a length-delimited field: at most 5 bytes, within the message */
+static inline int v_len(const uint8_t **pp, const uint8_t *end, size_t *n) {
+    uint64_t v;
+    if (*pp < end && **pp < 0x80) {
+        v = *(*pp)++;
+    } else if (!v_varint(pp, end, 5, &v)) {
+        return 0;
+    }
+    if (v > (uint64_t)(end - *pp)) return 0;
+    *n = (size_t)v;
+    return 1;
+}
+
+/* strict UTF-8 (Unicode 3.9, table 3-7): what upb and Python's decoder accept */
+static int v_utf8_slow(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        if (n - i >= 8) { /* ASCII, 8 bytes at a time */
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            if (!(w & 0x8080808080808080ULL)) {
+                i += 8;
+                continue;
+            }
+        }
+        uint8_t c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        uint8_t lo = 0x80, hi = 0xbf; /* the range of the second byte */
+        if (c >= 0xc2 && c <= 0xdf) need = 1;
+        else if (c == 0xe0) { need = 2; lo = 0xa0; }
+        else if (c == 0xed) { need = 2; hi = 0x9f; }
+        else if (c >= 0xe1 && c <= 0xef) need = 2;
+        else if (c == 0xf0) { need = 3; lo = 0x90; }
+        else if (c == 0xf4) { need = 3; hi = 0x8f; }
+        else if (c >= 0xf1 && c <= 0xf3) need = 3;
+        else return 0;
+        if (n - i - 1 < need || p[i + 1] < lo || p[i + 1] > hi) return 0;
+        for (size_t k = 2; k <= need; k++)
+            if ((p[i + k] & 0xc0) != 0x80) return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+static inline int v_utf8(const uint8_t *p, size_t n) {
+    uint64_t acc = 0; /* all ASCII (the common case): one pass, no branch per byte */
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        acc |= w;
+    }
+    for (; i < n; i++) acc |= p[i];
+    return (acc & 0x8080808080808080ULL) ? v_utf8_slow(p, n) : 1;
+}
+
+static int v_skip(const uint8_t **pp, const uint8_t *end, uint32_t tag, int depth);
+
+/* the rest of a group opened by field `number` at level `depth`, through its end tag */
+static int v_group(const uint8_t **pp, const uint8_t *end, uint32_t number, int depth) {
+    if (depth > PB_MAX_DEPTH) return 0;
+    const uint8_t *p = *pp;
+    uint32_t end_tag = number << 3 | 4, tag;
+    for (;;) {
+        if (p >= end || !v_tag(&p, end, &tag)) return 0; /* unterminated */
+        if (tag == end_tag) break;
+        if (!v_skip(&p, end, tag, depth)) return 0;
+    }
+    *pp = p;
+    return 1;
+}
+
+/* an unknown field's value */
+static int v_skip(const uint8_t **pp, const uint8_t *end, uint32_t tag, int depth) {
+    uint64_t v;
+    size_t n;
+    switch (tag & 7) {
+    case 0: return v_varint(pp, end, 10, &v);
+    case 1: n = 8; break;
+    case 5: n = 4; break;
+    case 2:
+        if (!v_len(pp, end, &n)) return 0;
+        break;
+    case 3: return v_group(pp, end, tag >> 3, depth + 1);
+    default: return 0; /* 4: an end-group that closes no open group; 6, 7: none such */
+    }
+    if ((size_t)(end - *pp) < n) return 0;
+    *pp += n;
+    return 1;
+}
+
+/* one message of type m at level depth; counts the spans */
+static int v_message(const uint8_t *p, const uint8_t *end, int m, int depth, size_t *spans) {
+    while (p < end) {
+        uint32_t tag, number;
+        if (!v_tag(&p, end, &tag)) return 0;
+        number = tag >> 3;
+        if (number == 0) return 0;
+        int kind = tag < V_TAGS ? V_KIND[m][tag] : V_UNKNOWN;
+        if (kind == V_UNKNOWN) { /* unknown, or a known field with another wire type */
+            if (!v_skip(&p, end, tag, depth)) return 0;
+            continue;
+        }
+        uint64_t v;
+        size_t n;
+        switch (kind) {
+        case V_VARINT:
+            if (!v_varint(&p, end, 10, &v)) return 0;
+            break;
+        case V_FIXED64:
+        case V_FIXED32:
+            n = kind == V_FIXED64 ? 8 : 4;
+            if ((size_t)(end - p) < n) return 0;
+            p += n;
+            break;
+        default: /* string, bytes, message */
+            if (!v_len(&p, end, &n)) return 0;
+            if (kind == V_STRING && !v_utf8(p, n)) return 0;
+            if (kind == V_MESSAGE) {
+                int sub = V_SUB[m][tag];
+                if (depth + 1 > PB_MAX_DEPTH) return 0;
+                if (sub == M_SPAN) (*spans)++;
+                if (!v_message(p, p + n, sub, depth + 1, spans)) return 0;
+            }
+            p += n;
+            break;
+        }
+    }
+    return 1;
+}
+
+/* 1: upb accepts the request (and *spans is its number of spans); 0: upb refuses it;
+   -1: not decided here (2 GiB or more: upb's size arithmetic is 32-bit; ask it) */
+static int validate(str_t req, size_t *spans) {
+    *spans = 0;
+    if (req.n >= (size_t)INT32_MAX) return -1;
+    if (req.n == 0) return 1;
+    return v_message(req.p, req.p + req.n, M_REQUEST, 0, spans);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -999,8 +1283,7 @@ static void out_free(out_t *o) {
 
 typedef struct {
     gbuf ords; /* int32 ordinals (1-based) of the spans turned into rows */
-    int malformed;
-    int failed;
+    int32_t spans; /* spans walked (all of them when the walk succeeds) */
 } walk_t;
 
 /* the walk: ExportTraceServiceRequest.resource_spans(1) -> resource(1), scope_spans(2) ->
@@ -1054,6 +1337,7 @@ static int walk(out_t *o, str_t req, walk_t *w) {
         if (grc < 0) { result = -1; goto done; }
     }
     if (rc < 0) result = -1;
+    w->spans = ord;
 done:
     free(sp.attrs.a);
     return result;
@@ -1063,18 +1347,21 @@ static PyObject *bytes_of(const gbuf *b) {
     return PyBytes_FromStringAndSize(b->p ? b->p : "", (Py_ssize_t)b->len);
 }
 
-/* extract(raw, now_us, sender, key_id, data_key, index_key)
-   -> None (malformed for this parser: use the Python path for the request), or
-      (rows, ords, columns) with ords the int32 ordinals as bytes and columns one tuple per
-      column: (data, offsets, child_offsets) as bytes */
+/* extract(raw, now_us, sender, key_id, data_key, index_key[, max_rows[, validate]])
+   -> None (not taken: use the Python path for the request), or
+      (rows, ords, columns, spans) with ords the int32 ordinals as bytes, columns one tuple per
+      column: (data, offsets, child_offsets) as bytes, and spans the request's number of spans;
+      with validate, first validate() (as protobuf would): False when protobuf refuses the
+      request, None when that is not decided here */
 static PyObject *native_extract(PyObject *self, PyObject *args) {
     Py_buffer raw, dk, ik, snd;
     long long now_us;
     unsigned long key_id;
     (void)self;
     Py_ssize_t max_rows = 0;
-    if (!PyArg_ParseTuple(args, "y*Ly*ky*y*|n", &raw, &now_us, &snd, &key_id, &dk, &ik,
-                          &max_rows))
+    int check = 0;
+    if (!PyArg_ParseTuple(args, "y*Ly*ky*y*|np", &raw, &now_us, &snd, &key_id, &dk, &ik,
+                          &max_rows, &check))
         return NULL;
     PyObject *result = NULL;
     out_t o;
@@ -1131,11 +1418,21 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
             goto out;
         }
     }
-    int rc;
+    int rc, valid = 1;
+    size_t spans = 0;
     str_t req = {raw.buf, (size_t)raw.len};
     Py_BEGIN_ALLOW_THREADS
-    rc = walk(&o, req, &w);
+    if (check) valid = validate(req, &spans);
+    rc = valid == 1 ? walk(&o, req, &w) : -1;
+    /* the walk counts the spans as protobuf does once the request is valid; should the two
+       ever differ, the request is not taken (Python then parses it) */
+    if (rc == 0 && check && spans != (size_t)w.spans) rc = -1;
     Py_END_ALLOW_THREADS
+    if (valid == 0) {
+        result = Py_False;
+        Py_INCREF(result);
+        goto out;
+    }
     if (rc == -1) {
         result = Py_None;
         Py_INCREF(result);
@@ -1154,7 +1451,8 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
         if (!t) { Py_DECREF(cols); goto out; }
         PyTuple_SET_ITEM(cols, i, t);
     }
-    result = Py_BuildValue("(nNN)", (Py_ssize_t)o.rows, bytes_of(&w.ords), cols);
+    result = Py_BuildValue("(nNNn)", (Py_ssize_t)o.rows, bytes_of(&w.ords), cols,
+                           (Py_ssize_t)w.spans);
 out:
     gb_free(&w.ords, 0);
     out_free(&o);
@@ -1163,6 +1461,24 @@ out:
     PyBuffer_Release(&dk);
     PyBuffer_Release(&ik);
     return result;
+}
+
+/* validate_traces(raw) -> (True, spans) when protobuf (upb) accepts raw as an
+   ExportTraceServiceRequest, (False, 0) when it refuses it, (None, 0) when not decided here;
+   the GIL is released while it runs */
+static PyObject *native_validate_traces(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer raw;
+    if (!PyArg_ParseTuple(args, "y*", &raw)) return NULL;
+    str_t req = {raw.buf, (size_t)raw.len};
+    size_t spans = 0;
+    int valid;
+    Py_BEGIN_ALLOW_THREADS
+    valid = validate(req, &spans);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&raw);
+    return Py_BuildValue("(On)", valid < 0 ? Py_None : valid ? Py_True : Py_False,
+                         (Py_ssize_t)spans);
 }
 
 /* link(leaves, writer_id, seq, head) -> hashes: the hash chain over n leaves (32 bytes each),
@@ -1238,8 +1554,10 @@ out:
 
 static PyMethodDef methods[] = {
     {"extract", native_extract, METH_VARARGS,
-     "extract(raw, now_us, sender, key_id, data_key, index_key[, max_rows]) -> None | "
-     "(rows, ords, columns)"},
+     "extract(raw, now_us, sender, key_id, data_key, index_key[, max_rows[, validate]]) -> "
+     "None | False | (rows, ords, columns, spans)"},
+    {"validate_traces", native_validate_traces, METH_VARARGS,
+     "validate_traces(raw) -> (True | False | None, spans): protobuf's verdict on raw"},
     {"link", native_link, METH_VARARGS,
      "link(leaves, writer_id, seq, head) -> the chain's hashes, 32 bytes each, joined"},
     {NULL, NULL, 0, NULL}};
@@ -1255,6 +1573,10 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyErr_SetString(PyExc_ImportError, "_native needs a little-endian machine");
         return NULL;
     }
+    if (v_init()) {
+        PyErr_SetString(PyExc_ImportError, "_native: the validator's tables are too small");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyObject *names = PyTuple_New(NCOLS), *layouts = PyTuple_New(NCOLS);
@@ -1265,5 +1587,27 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     PyModule_AddObject(m, "COLUMNS", names);
     PyModule_AddObject(m, "LAYOUTS", layouts);
+    /* the validator's schema: ((message, ((number, kind, message or ""), ...)), ...) */
+    PyObject *schema = PyTuple_New(NMSGS);
+    if (!schema) return NULL;
+    for (int i = 0; i < NMSGS; i++) {
+        const vmsg_t *vm = &TRACE_SCHEMA[i];
+        Py_ssize_t nf = 0;
+        while (vm->fields[nf].number) nf++;
+        PyObject *fields = PyTuple_New(nf);
+        if (!fields) return NULL;
+        for (Py_ssize_t k = 0; k < nf; k++) {
+            const vfield_t *f = &vm->fields[k];
+            PyObject *t = Py_BuildValue("(iss)", f->number, V_KIND_NAMES[f->kind],
+                                        f->kind == V_MESSAGE ? TRACE_SCHEMA[f->msg].name : "");
+            if (!t) return NULL;
+            PyTuple_SET_ITEM(fields, k, t);
+        }
+        PyObject *t = Py_BuildValue("(sN)", vm->name, fields);
+        if (!t) return NULL;
+        PyTuple_SET_ITEM(schema, i, t);
+    }
+    PyModule_AddObject(m, "TRACE_SCHEMA", schema);
+    PyModule_AddIntConstant(m, "MAX_DEPTH", PB_MAX_DEPTH);
     return m;
 }

@@ -93,8 +93,7 @@ class RequestProcessor:
             return None
         if got is None:
             return None
-        table, skip = got
-        total = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        table, skip, total = got
         if len(skip) == total:  # the common case: nothing left for the Python path
             extracted = Extracted()
             extracted.stats.spans = total

@@ -237,6 +237,13 @@ def _check_factory(factory: RequestFactory) -> None:
 # the service
 # ------------------------------------------------------------------------------------------
 
+def _host_cpu() -> list[int]:
+    """The machine's CPU time counters (``cpu`` line of /proc/stat: user nice system idle
+    iowait irq softirq steal), in clock ticks."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+    return [int(v) for v in fields] + [0] * (8 - len(fields))
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PHIAUDIT_", "OTEL_"))}
 
@@ -669,9 +676,11 @@ def main(argv: list[str] | None = None) -> int:
         sample = pool.sample(min(count, 64))
 
         cpu0 = svc.cpu_seconds()
+        host0 = _host_cpu()
         before = svc.metrics()
         load, wall = drive(svc.address, pool, args.clients, args.seconds, spans, "measure")
         cpu1 = svc.cpu_seconds()
+        host1 = _host_cpu()
         hwm = svc.status("VmHWM")
         rss_now = svc.status("VmRSS")
         rss_parts = {k: svc.status(k) for k in ("RssAnon", "RssFile", "RssShmem")}
@@ -724,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss": (hwm < TARGET_RSS_BYTES, "< 1 GiB"),
     }
     machine["loadavg_end"] = os.getloadavg()
+    # the share of this VM's CPU time the hypervisor gave to others while we measured: a
+    # shared machine can steal a third of it, and then spans/s says more about the neighbours
+    # than about the code; the CPU the service spent per span is steadier
+    host_total = sum(host1) - sum(host0)
+    machine["steal_share"] = (host1[7] - host0[7]) / host_total if host_total > 0 else 0.0
     result = {
         "date": started_at.isoformat(timespec="seconds"),
         "machine": machine,
@@ -742,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
             "window_spans_per_s": windows, "peak_rss_bytes": hwm,
             "rss_end_bytes": rss_now, "rss_idle_bytes": rss_idle, "rss_end_parts": rss_parts,
             "cpu_seconds": cpu1 - cpu0, "cpu_cores_used": (cpu1 - cpu0) / wall if wall else 0,
+            "cpu_us_per_span": (cpu1 - cpu0) / load.acked_spans * 1e6
+            if load.acked_spans else None,
             "stored_rows": stored, "exit_code": code, "writer": writer_line.split(": ", 2)[-1],
             "metrics": metrics, "startup_seconds": startup_s, "group_commit": commit,
         },
@@ -774,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     if load.other_errors:
         row("other errors", json.dumps(load.other_errors))
     row("service CPU (cores busy)", f"{result['service']['cpu_cores_used']:.2f}")
+    if result["service"]["cpu_us_per_span"]:
+        row("  service CPU per span", f"{result['service']['cpu_us_per_span']:.1f} us")
+    row("host CPU stolen (hypervisor)", f"{machine['steal_share']:.0%}")
     row("rows per insert / writer busy", f"{commit['rows_per_batch']:,.0f} / "
         f"{commit['writer_busy_share']:.0%}")
     row("rows stored / spans acked", f"{stored} / {load.acked_spans}")

@@ -163,7 +163,9 @@ class _Otlp:
             tables["infra_rollups"] = processed.rollup_rows
         if not tables:
             return None
-        key = hashlib.sha256(signal.encode() + b"|" + raw).digest()
+        digest = hashlib.sha256(signal.encode() + b"|")
+        digest.update(raw)  # not concatenated: no copy of the request
+        key = digest.digest()
         try:
             return svc.writer.submit(key, tables)
         except Overloaded:

@@ -16,11 +16,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shlex
-import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +33,7 @@ from phiaudit.receiver._fast import native_available
 from phiaudit.receiver._process import RequestProcessor, native_for
 from phiaudit.storage import INFRA_COLUMNS
 from tests.conftest import ROOT, cli_env
+from tests.receiver import native_build
 from tests.receiver import native_corpus as nc
 
 SEED = int(os.environ.get("NATIVE_TEST_SEED", "20260101"))
@@ -181,19 +179,7 @@ def _malloc_debug_env() -> dict[str, str]:
 def _ubsan_build(out_dir: Path) -> Path | None:
     """The extension built with UndefinedBehaviorSanitizer (aborting on the first report), or
     None where that cannot be built (no compiler or no sanitizer runtime): an extra check."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None
-    out = out_dir / ("_native" + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    source = ROOT / "receiver" / "src" / "phiaudit" / "receiver" / "_native.c"
-    cmd = [*shlex.split(cc), "-O1", "-g", "-fPIC", "-shared", "-fno-omit-frame-pointer",
-           "-fsanitize=undefined", "-fno-sanitize-recover=undefined",
-           f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(out), "-lcrypto"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out if proc.returncode == 0 else None
+    return native_build.sanitized_build(out_dir, "undefined")
 
 
 def test_row_limit_is_the_same_on_both_paths(keys: nc.Keys) -> None:

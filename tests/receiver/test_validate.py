@@ -18,10 +18,8 @@ import json
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ from phiaudit.receiver._fast import native_available, trace_schema, validation_a
 from phiaudit.receiver._process import MalformedRequest, RequestProcessor, native_for
 from phiaudit.storage import INFRA_COLUMNS
 from tests.conftest import ROOT, cli_env
+from tests.receiver import native_build
 from tests.receiver import native_corpus as nc
 from tests.receiver import validate_fuzz as vf
 from tests.receiver.otlp_raw import audit_span, logs_request, new_trace_id, span, trace_request
@@ -257,7 +256,7 @@ def test_span_counts_and_threads() -> None:
 def _asan_build(out_dir: Path) -> tuple[Path, str] | None:
     """The extension built with AddressSanitizer and UBSan, and the runtime to preload; None
     where that cannot be built here (an extra check)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = native_build.compiler()
     if not cc:
         return None
     try:
@@ -268,16 +267,8 @@ def _asan_build(out_dir: Path) -> tuple[Path, str] | None:
     runtime = lib.stdout.strip()
     if lib.returncode != 0 or not os.path.isabs(runtime) or not os.path.exists(runtime):
         return None
-    out = out_dir / ("_native" + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    source = ROOT / "receiver" / "src" / "phiaudit" / "receiver" / "_native.c"
-    cmd = [*shlex.split(cc), "-O1", "-g", "-fPIC", "-shared", "-fno-omit-frame-pointer",
-           "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-           f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(out), "-lcrypto"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out, runtime) if proc.returncode == 0 else None
+    out = native_build.sanitized_build(out_dir, "address,undefined")
+    return (out, runtime) if out is not None else None
 
 
 def _summary(name: str, proc: subprocess.Popen[str]) -> dict[str, Any]:

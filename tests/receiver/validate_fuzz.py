@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import os
 import random
@@ -38,13 +37,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tests.receiver.native_build import use_test_so
+
 if os.environ.get("NATIVE_TEST_SO"):  # before anything imports phiaudit.receiver._fast
-    _spec = importlib.util.spec_from_file_location("phiaudit.receiver._native",
-                                                   os.environ["NATIVE_TEST_SO"])
-    assert _spec is not None and _spec.loader is not None
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    sys.modules["phiaudit.receiver._native"] = _mod
+    use_test_so()
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2

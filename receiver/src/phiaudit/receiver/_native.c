@@ -1521,13 +1521,15 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     memcpy(buf + 32 + wn, wid.buf, (size_t)wid.len);
     size_t fixed = 32 + (size_t)wn + (size_t)wid.len;
     for (Py_ssize_t i = 0; i < n; i++) {
-        char num[24];
-        int dn = snprintf(num, sizeof(num), "%llu", seq + 1 + (unsigned long long)i);
+        char num[24]; /* fmt_u, not snprintf: two snprintf calls a row were ~40% of the
+                         link's time (0.51 -> 0.29 us a row) */
+        size_t dn = fmt_u(num, seq + 1 + (unsigned long long)i);
         memcpy(buf, prev, 32);
         size_t at = fixed;
-        at += (size_t)snprintf((char *)buf + at, 8, "%d:", dn);
-        memcpy(buf + at, num, (size_t)dn);
-        at += (size_t)dn;
+        at += fmt_u((char *)buf + at, dn);
+        buf[at++] = ':';
+        memcpy(buf + at, num, dn);
+        at += dn;
         memcpy(buf + at, (const uint8_t *)lv.buf + 32 * i, 32);
         at += 32;
         if (EVP_DigestInit_ex(ctx, md, NULL) != 1 || EVP_DigestUpdate(ctx, buf, at) != 1 ||

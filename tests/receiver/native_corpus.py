@@ -29,6 +29,7 @@ from phiaudit.receiver._extract import Extracted, Extractor
 from phiaudit.receiver._fast import NativeTraces
 from phiaudit.storage import (
     AUDIT_COLUMNS,
+    INFRA_COLUMNS,
     BlindIndex,
     ColumnKeys,
     FieldCipher,
@@ -103,6 +104,20 @@ def varint(n: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+def read_varint(b: bytes, i: int) -> tuple[int, int] | None:
+    """The varint at ``b[i:]`` and the index after it, leniently (up to 70 bits), or None
+    when it runs past the end: for the fuzzers' structure-aware mutation."""
+    v, shift = 0, 0
+    while i < len(b) and shift < 70:
+        c = b[i]
+        i += 1
+        v |= (c & 0x7F) << shift
+        if not c & 0x80:
+            return v, i
+        shift += 7
+    return None
 
 
 def tag(fieldno: int, wt: int) -> bytes:
@@ -919,3 +934,14 @@ def tally(requests: Sequence[Request], outcomes: Sequence[Outcome]) -> dict[str,
                 shape_seen[tagged] += 1
                 shape_taken[tagged] += i in out.taken
     return {"seen": seen, "taken": taken, "shape_seen": shape_seen, "shape_taken": shape_taken}
+
+
+def clear_infra(keys: Keys, rows: list[list[Any]]) -> list[list[Any]]:
+    """Infra rows with their encrypted columns decrypted and without the leaf."""
+    enc = {i for i, c in enumerate(INFRA_COLUMNS) if c.kind == "encrypted"}
+    out = []
+    for row in rows:
+        eid = row[0].bytes if isinstance(row[0], uuid.UUID) else row[0]
+        out.append([keys.cipher.decrypt(INFRA_COLUMNS[i].name, v, eid) if i in enc else v
+                    for i, v in enumerate(row[:-1])])
+    return out

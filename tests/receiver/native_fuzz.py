@@ -61,23 +61,11 @@ EXTREME_VARINTS = [0, 1, 2, 127, 128, 400, 999, 1000, (1 << 31) - 1, 1 << 31, (1
 # a lenient wire parser (for structure-aware mutation)
 
 
-def read_varint(b: bytes, i: int) -> tuple[int, int] | None:
-    v, shift = 0, 0
-    while i < len(b) and shift < 70:
-        c = b[i]
-        i += 1
-        v |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return v, i
-        shift += 7
-    return None
-
-
 def parse_fields(b: bytes) -> list[list[Any]] | None:
     out: list[list[Any]] = []
     i = 0
     while i < len(b):
-        r = read_varint(b, i)
+        r = nc.read_varint(b, i)
         if r is None:
             return None
         key, i = r
@@ -85,7 +73,7 @@ def parse_fields(b: bytes) -> list[list[Any]] | None:
         if fno == 0:
             return None
         if wt == 0:
-            r = read_varint(b, i)
+            r = nc.read_varint(b, i)
             if r is None:
                 return None
             v, i = r
@@ -97,7 +85,7 @@ def parse_fields(b: bytes) -> list[list[Any]] | None:
             out.append([fno, wt, b[i:i + n]])
             i += n
         elif wt == 2:
-            r = read_varint(b, i)
+            r = nc.read_varint(b, i)
             if r is None or r[1] + r[0] > len(b):
                 return None
             n, i = r

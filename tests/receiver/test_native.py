@@ -31,7 +31,6 @@ import pytest
 from phiaudit.receiver._extract import Extractor
 from phiaudit.receiver._fast import native_available
 from phiaudit.receiver._process import RequestProcessor, native_for
-from phiaudit.storage import INFRA_COLUMNS
 from tests.conftest import ROOT, cli_env
 from tests.receiver import native_build
 from tests.receiver import native_corpus as nc
@@ -100,17 +99,6 @@ def _dict_rows(audit: Any) -> list[dict[str, Any]]:
     return [dict(zip(nc.NAMES, row, strict=True)) for row in audit]
 
 
-def _clear_infra(keys: nc.Keys, rows: list[list[Any]]) -> list[list[Any]]:
-    """Infra rows with their encrypted columns decrypted and without the leaf."""
-    enc = {i for i, c in enumerate(INFRA_COLUMNS) if c.kind == "encrypted"}
-    out = []
-    for row in rows:
-        eid = row[0].bytes if isinstance(row[0], uuid.UUID) else row[0]
-        out.append([keys.cipher.decrypt(INFRA_COLUMNS[i].name, v, eid) if i in enc else v
-                    for i, v in enumerate(row[:-1])])
-    return out
-
-
 @pytest.fixture
 def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Both processors read the same clock (received_time, absurd-time checks)."""
@@ -134,7 +122,7 @@ def test_request_processor_same_rows_with_and_without_the_compiled_path(
         a.audit_rows.validate(full=True)
         nc.compare_rows(keys, _dict_rows(b.audit_rows), _dict_rows(a.audit_rows), where)
         assert a.trace_rows == b.trace_rows, where
-        assert _clear_infra(keys, a.infra_rows) == _clear_infra(keys, b.infra_rows), where
+        assert nc.clear_infra(keys, a.infra_rows) == nc.clear_infra(keys, b.infra_rows), where
         assert a.rollup_rows == b.rollup_rows, where
         sa = dict(a.stats)
         took += sa.pop("native_spans", 0)

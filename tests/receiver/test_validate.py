@@ -21,7 +21,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from phiaudit.receiver import _process
 from phiaudit.receiver._extract import Extractor
 from phiaudit.receiver._fast import native_available, trace_schema, validation_available
 from phiaudit.receiver._process import MalformedRequest, RequestProcessor, native_for
-from phiaudit.storage import INFRA_COLUMNS
 from tests.conftest import ROOT, cli_env
 from tests.receiver import native_build
 from tests.receiver import native_corpus as nc
@@ -350,17 +348,6 @@ def _outcome(proc: RequestProcessor, raw: bytes) -> Any:
         return "malformed"
 
 
-def _clear_infra(keys: nc.Keys, rows: list[list[Any]]) -> list[list[Any]]:
-    """Infra rows with their encrypted columns decrypted and without the leaf."""
-    enc = {i for i, c in enumerate(INFRA_COLUMNS) if c.kind == "encrypted"}
-    out = []
-    for row in rows:
-        eid = row[0].bytes if isinstance(row[0], uuid.UUID) else row[0]
-        out.append([keys.cipher.decrypt(INFRA_COLUMNS[i].name, v, eid) if i in enc else v
-                    for i, v in enumerate(row[:-1])])
-    return out
-
-
 def _rows(audit: Any) -> list[dict[str, Any]]:
     if isinstance(audit, pa.Table):
         return nc.table_rows(audit)
@@ -405,7 +392,7 @@ def test_processor_refuses_what_protobuf_refuses_and_maps_the_rest_as_before(
         except AssertionError:
             raise AssertionError(f"{where}: audit rows differ") from None
         same_traces = a.trace_rows == b.trace_rows
-        same_infra = _clear_infra(keys, a.infra_rows) == _clear_infra(keys, b.infra_rows)
+        same_infra = nc.clear_infra(keys, a.infra_rows) == nc.clear_infra(keys, b.infra_rows)
         same_rollups = a.rollup_rows == b.rollup_rows
         assert same_traces and same_infra and same_rollups, \
             f"{where}: trace {same_traces}, infra {same_infra}, rollups {same_rollups}"

@@ -290,30 +290,18 @@ class Piece:
         return self.tag + (varint(len(self.body)) if self.wt == 2 else b"") + self.body
 
 
-def read_varint(b: bytes, i: int) -> tuple[int, int] | None:
-    v, shift = 0, 0
-    while i < len(b) and shift < 70:
-        c = b[i]
-        i += 1
-        v |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return v, i
-        shift += 7
-    return None
-
-
 def parse(b: bytes) -> list[Piece] | None:
     """The fields of a message without groups; None when it is not one."""
     out: list[Piece] = []
     i = 0
     while i < len(b):
-        r = read_varint(b, i)
+        r = nc.read_varint(b, i)
         if r is None or r[0] >> 3 == 0:
             return None
         key, j = r
         number, wt = key >> 3, key & 7
         if wt == 0:
-            r = read_varint(b, j)
+            r = nc.read_varint(b, j)
             if r is None:
                 return None
             out.append(Piece(number, 0, b[i:j], b[j:r[1]]))
@@ -325,7 +313,7 @@ def parse(b: bytes) -> list[Piece] | None:
             out.append(Piece(number, wt, b[i:j], b[j:j + n]))
             i = j + n
         elif wt == 2:
-            r = read_varint(b, j)
+            r = nc.read_varint(b, j)
             if r is None or r[1] + r[0] > len(b):
                 return None
             out.append(Piece(number, 2, b[i:j], b[r[1]:r[1] + r[0]]))

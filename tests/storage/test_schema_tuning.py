@@ -6,6 +6,7 @@ merge was a third of the store's CPU per row."""
 from __future__ import annotations
 
 from phiaudit.storage import AUDIT_COLUMNS, ENCRYPTED_COLUMNS, INFRA_COLUMNS, Store
+from phiaudit.storage._schema import _TUNED_TABLES, _tuning_statements
 
 
 def test_random_content_is_stored_without_compression(store: Store) -> None:
@@ -37,3 +38,7 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
         assert "merge_selector_base = 16" in engine, name
         assert "min_bytes_for_wide_part = 268435456" in engine, name
         assert "non_replicated_deduplication_window = 10000" in engine, name
+    # stores made before the tuning get it by ALTER (``_tuning_statements``): that list must
+    # name every table, or a table added later would keep LZ4 and the old merges on upgrade
+    assert {name for name, _ in rows} == set(_TUNED_TABLES)
+    assert len(_tuning_statements("db")) == len(_TUNED_TABLES)

@@ -26,7 +26,8 @@ def extra_json(extra: Mapping[str, Any]) -> str:
     """The stored form of an event's ``extra`` attributes (before encryption)."""
     return _json(extra)
 
-__all__ = ["ACTIONS", "AccessRecord", "Alert", "AuditEvent", "InfraEvent", "RecordEncoder"]
+__all__ = ["ACTIONS", "AccessRecord", "Alert", "AuditEvent", "InfraEvent", "RecordEncoder",
+           "extra_json"]
 
 #: The actions of the attribute contract (CONTRACT.md section 1).
 ACTIONS = frozenset({

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
@@ -118,6 +119,16 @@ def read_varint(b: bytes, i: int) -> tuple[int, int] | None:
             return v, i
         shift += 7
     return None
+
+
+def protobuf_accepts(raw: bytes) -> bool:
+    """protobuf's (upb's) verdict on ``raw`` as an ExportTraceServiceRequest: the oracle the
+    compiled walker and validator are compared with."""
+    try:
+        trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def tag(fieldno: int, wt: int) -> bytes:

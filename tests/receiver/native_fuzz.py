@@ -34,8 +34,6 @@ from tests.receiver.native_build import use_test_so
 if os.environ.get("NATIVE_TEST_SO"):  # before anything imports phiaudit.receiver._fast
     use_test_so()
 
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from phiaudit.receiver import _fast
 from tests.receiver import native_corpus as nc
@@ -224,14 +222,6 @@ def check_shape(out: Any, raw_len: int) -> int:
     return n
 
 
-def protobuf_accepts(raw: bytes) -> bool:
-    try:
-        trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
-    except (DecodeError, RuntimeError, ValueError):
-        return False
-    return True
-
-
 class Fuzz:
     def __init__(self, keys: nc.Keys, out_dir: Path, deadline: float) -> None:
         self.keys = keys
@@ -292,7 +282,7 @@ class Fuzz:
         if dt > slow_s:
             self.slow.append(f"{phase}: {len(raw)} bytes took {dt:.2f} s")
         self.stats[f"{phase}.none" if out is None else f"{phase}.tuple"] += 1
-        accepted = protobuf_accepts(raw)
+        accepted = nc.protobuf_accepts(raw)
         self.validated(raw, phase, accepted)
         if out is None or not compare:
             return

@@ -215,7 +215,7 @@ RULES: list[tuple[str, bytes, bool]] = [
 @pytest.mark.parametrize(("name", "raw", "want"), RULES, ids=[r[0] for r in RULES])
 def test_upb_rule(name: str, raw: bytes, want: bool) -> None:
     native = _require_native()
-    upb, compiled = vf.accepts(raw), native.validate_traces(raw)[0]
+    upb, compiled = nc.protobuf_accepts(raw), native.validate_traces(raw)[0]
     assert upb is want, f"protobuf no longer behaves so: {name}"
     assert compiled is want, name
 
@@ -227,7 +227,7 @@ def test_deep_unknown_fields_are_not_looked_into() -> None:
     for _ in range(300):
         inner = vf.ld(99, inner)
     raw = _in_span(inner)
-    upb, compiled = vf.accepts(raw), native.validate_traces(raw)[0]
+    upb, compiled = nc.protobuf_accepts(raw), native.validate_traces(raw)[0]
     assert upb is True and compiled is True
 
 
@@ -239,7 +239,7 @@ def test_span_counts_and_threads() -> None:
     raws = [c.raw for c in vf.cases(SEED, 300)]
     alone = [native.validate_traces(r) for r in raws]
     for i, (raw, (ok, n)) in enumerate(zip(raws, alone, strict=True)):
-        same = ok is vf.accepts(raw) and (not ok or n == vf.span_count(raw))
+        same = ok is nc.protobuf_accepts(raw) and (not ok or n == vf.span_count(raw))
         assert same, f"seed {SEED} case {i}"
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(native.validate_traces, raws * 4))
@@ -379,7 +379,7 @@ def test_processor_refuses_what_protobuf_refuses_and_maps_the_rest_as_before(
         fast_parses = len(parses) - before
         b = _outcome(slow, raw)
         fast_refused, slow_refused = a == "malformed", b == "malformed"
-        upb_refuses = not vf.accepts(raw)
+        upb_refuses = not nc.protobuf_accepts(raw)
         assert fast_refused is slow_refused is upb_refuses, \
             f"{where}: refused: compiled {fast_refused}, Python {slow_refused}, " \
             f"protobuf {upb_refuses}"

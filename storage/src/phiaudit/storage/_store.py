@@ -77,6 +77,7 @@ _USERS_XML = """<clickhouse>
 
 _CONFIG_XML = """<clickhouse>
 {users}  <logger><level>error</level><console>0</console></logger>
+  <os_threads_nice_value_merge_mutate>19</os_threads_nice_value_merge_mutate>
   <storage_configuration>
     <disks>
       <phiaudit_plain><type>local</type><path>{plain}/</path></phiaudit_plain>
@@ -96,6 +97,12 @@ _CONFIG_XML = """<clickhouse>
   </storage_configuration>
 </clickhouse>
 """
+
+# Merges run at nice 19: they are background work, and on a small machine they otherwise
+# take a core from the extraction and the insert that an acknowledgement waits for (measured
+# in bench/README.md: a group commit's insert 50 -> 36 ms median, p99 acknowledgement lower).
+# They still get every idle moment; should they fall behind, ClickHouse delays inserts
+# (parts_to_delay_insert) and acknowledgements slow down with them: back-pressure, not loss.
 
 #: The storage policy of the embedded store's tables: an AES-256-CTR encrypted disk.
 ENCRYPTED_POLICY = "phiaudit_encrypted"

@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "base5": [(r", merge_selector_base = 16", "")],
     "wide": [(r", min_bytes_for_wide_part = 268435456", "")],
     "nobloom": [(r"\n    INDEX idx_\w+ \w+ TYPE bloom_filter[^\n]*", "")],
+    "nolc": [(r"LowCardinality\(String\)", "String")],
 }
 
 

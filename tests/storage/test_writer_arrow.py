@@ -106,14 +106,15 @@ class _FailingStore:
     def insert_rows(self, *args: Any) -> None:
         raise AssertionError("the writer inserts Arrow")
 
-    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+    def insert_arrow(self, table: str, data: pa.Table, token: str,
+                     types: list[str] | None = None) -> None:
         failing = self.down or (self.fail > 0 and self.table in (None, table))
         self.calls.append((table, data, token, failing))
         if failing:
             if not self.down:
                 self.fail -= 1
             raise StorageUnavailable(f"insert into {table}: injected failure")
-        self._store.insert_arrow(table, data, token)
+        self._store.insert_arrow(table, data, token, types=types)
 
 
 def _run_one_batch(w: BatchWriter, items: list[tuple[bytes | None, dict[str, Any]]],
@@ -407,12 +408,13 @@ class _RejectingStore(_FailingStore):
         super().__init__(store)
         self.writer_id = writer_id
 
-    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+    def insert_arrow(self, table: str, data: pa.Table, token: str,
+                     types: list[str] | None = None) -> None:
         writers = {w.decode() if isinstance(w, bytes) else w  # binary, as Arrow types it
                    for w in data.column("writer_id").to_pylist()}
         if self.writer_id in writers:
             raise PermanentError(f"insert into {table}: injected rejection")
-        super().insert_arrow(table, data, token)
+        super().insert_arrow(table, data, token, types)
 
 
 def test_a_spooled_block_the_store_refuses_is_kept_aside(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -34,7 +35,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from phiaudit.storage import AUDIT_COLUMNS, ColumnKeys, arrow_schema
 
 __all__ = ["MalformedTraces", "NativeResult", "NativeTraces", "native_available",
-           "native_linker", "validation_available"]
+           "native_block_encoder", "native_linker", "validation_available"]
 
 _log = logging.getLogger("phiaudit.receiver")
 
@@ -161,6 +162,90 @@ def native_linker() -> Any:
     """The compiled hash-chain linker for ``BatchWriter(linker=...)`` (~0.3 us a row against
     ~1.7 in Python), or None where the extension is not available."""
     return _native.link if native_available()[0] else None
+
+
+_NATIVE_INTS = {"UInt8": pa.uint8(), "UInt16": pa.uint16(), "UInt32": pa.uint32(),
+                "UInt64": pa.uint64(), "Int8": pa.int8(), "Int16": pa.int16(),
+                "Int32": pa.int32(), "Int64": pa.int64()}
+_NATIVE_STRINGS = ("String", "LowCardinality(String)")
+_TIME_UNITS = {"s": 0, "ms": 3, "us": 6, "ns": 9}
+
+
+def _binary(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_binary(typ) or pa.types.is_string(typ))
+
+
+def _column_kind(typ: pa.DataType, ch_type: str) -> tuple[str, int] | None:
+    """How ``_native.native_block`` reads an Arrow column of type ``typ`` stored as
+    ``ch_type`` (kind, value width), or None unless both types are ones it maps exactly (any
+    other type, Nullable included, goes as Arrow)."""
+    if ch_type in _NATIVE_STRINGS:
+        return ("S", 0) if _binary(typ) else None
+    if ch_type in ("Array(String)", "Array(LowCardinality(String))"):
+        return ("A", 0) if pa.types.is_list(typ) and _binary(typ.value_type) else None
+    if ch_type == "UUID":
+        return ("U", 16) if typ == pa.binary(16) else None
+    if ch_type.startswith("FixedString("):
+        width = int(ch_type[len("FixedString("):-1])
+        return ("F", width) if typ == pa.binary(width) else None
+    if ch_type in _NATIVE_INTS:
+        return ("F", typ.bit_width // 8) if typ == _NATIVE_INTS[ch_type] else None
+    if ch_type.startswith("DateTime64(") and pa.types.is_timestamp(typ):
+        precision = ch_type[len("DateTime64("):].split(",")[0].rstrip(")").strip()
+        return ("F", 8) if precision == str(_TIME_UNITS[typ.unit]) else None
+    return None
+
+
+def _native_type(ch_type: str) -> str:
+    """The type a Native block declares for a column of ``ch_type``: LowCardinality is how
+    the table stores it, and the engine converts String to it on insert."""
+    return ch_type.replace("LowCardinality(String)", "String")
+
+
+def _buf(b: Any) -> Any:
+    return b if b is not None else b""
+
+
+def _chunks(kind: str, width: int, column: Any) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for chunk in column.chunks:
+        bufs = chunk.buffers()
+        if kind in "FU":
+            out.append((chunk.offset, len(chunk), width, _buf(bufs[1])))
+        elif kind == "S":
+            out.append((chunk.offset, len(chunk), _buf(bufs[1]), _buf(bufs[2])))
+        else:
+            values = chunk.values
+            if values.null_count:
+                raise ValueError("a null in a list")
+            vbufs = values.buffers()
+            out.append((chunk.offset, len(chunk), _buf(bufs[1]), values.offset,
+                        _buf(vbufs[1]), _buf(vbufs[2])))
+    return out
+
+
+def native_block(table: pa.Table, ch_types: list[str]) -> bytes | None:
+    """``table`` (columns in the order of ``ch_types``, their ClickHouse types) as one block
+    of ClickHouse's Native format, or None when a column has nulls or a type the compiled
+    encoder does not take (the caller then sends the Arrow stream)."""
+    if len(ch_types) != table.num_columns or sys.byteorder != "little":
+        return None
+    spec = []
+    for field, ch_type, column in zip(table.schema, ch_types, table.columns, strict=True):
+        how = _column_kind(field.type, ch_type)
+        if how is None or column.null_count:
+            return None
+        kind, width = how
+        spec.append((field.name.encode("utf-8"), _native_type(ch_type).encode("ascii"), kind,
+                     _chunks(kind, width, column)))
+    return bytes(_native.native_block(table.num_rows, spec))
+
+
+def native_block_encoder() -> Any:
+    """The compiled Native-format encoder for ``Store.block_encoder`` (the embedded engine
+    parses a Native block of audit rows in ~5 ms less than the same Arrow stream per 4,096
+    rows), or None where the extension is not available."""
+    return native_block if native_available()[0] else None
 
 
 def _array(typ: pa.DataType, layout: str, n: int, bufs: tuple[bytes, bytes, bytes]) -> pa.Array:

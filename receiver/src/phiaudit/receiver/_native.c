@@ -1554,12 +1554,302 @@ out:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------- */
+/* Arrow columns -> one block of ClickHouse's Native format                              */
+
+/* native_block(nrows, columns) -> bytes: one Native block (varint column count, varint row
+ * count, then per column its name, its type and its values), the input format the embedded
+ * engine parses with the least work: ~5 ms less than the same rows as an Arrow stream per
+ * 4,096-row insert into audit_events (bench/README.md). columns: (name, type, kind, chunks)
+ * with chunks of the column's Arrow arrays (no nulls: the caller checks), by kind:
+ *   'F' fixed width w (integers, timestamps, fixed-size binary): (offset, length, w, data)
+ *   'U' UUID from 16-byte binary (RFC 4122 byte order):          (offset, length, 16, data)
+ *   'S' binary/string, int32 offsets:                            (offset, length, offsets, data)
+ *   'A' list of binary, int32 offsets: (offset, length, list_offsets, child_offset,
+ *                                       child_offsets, child_data)
+ * Every offset and length is checked against its buffer; anything out of bounds raises
+ * ValueError (the caller then inserts the Arrow stream). The GIL is released while copying. */
+
+#define NB_MAX_BUFS 4
+
+typedef struct {
+    char kind;
+    Py_ssize_t offset, length, width, child_offset;
+    Py_buffer b[NB_MAX_BUFS];
+    int nb;
+} nb_chunk;
+
+typedef struct {
+    Py_buffer name, type;
+    char kind;
+    nb_chunk *chunks;
+    Py_ssize_t nchunks;
+} nb_col;
+
+static size_t varint_len(uint64_t v) {
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v) {
+    while (v >= 0x80) {
+        *p++ = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (uint8_t)v;
+    return p;
+}
+
+static int32_t rd_i32(const Py_buffer *b, Py_ssize_t i) {
+    int32_t v;
+    memcpy(&v, (const char *)b->buf + 4 * i, 4);
+    return v;
+}
+
+/* the i32 offsets [first, first + n] of buffer b are within it, non-decreasing and within
+   [0, data_len]; returns 0 if so */
+static int nb_offsets_ok(const Py_buffer *offs, Py_ssize_t first, Py_ssize_t n,
+                         Py_ssize_t data_len) {
+    if (first < 0 || n < 0 || (first + n + 1) > offs->len / 4) return -1;
+    int32_t prev = rd_i32(offs, first);
+    if (prev < 0) return -1;
+    for (Py_ssize_t i = 1; i <= n; i++) {
+        int32_t v = rd_i32(offs, first + i);
+        if (v < prev) return -1;
+        prev = v;
+    }
+    return prev <= data_len ? 0 : -1;
+}
+
+/* size of a chunk's values in Native, or -1 when its buffers do not hold what it claims */
+static Py_ssize_t nb_chunk_size(const nb_chunk *c) {
+    Py_ssize_t n = c->length;
+    switch (c->kind) {
+    case 'F':
+    case 'U':
+        if (c->width <= 0 || (c->kind == 'U' && c->width != 16)) return -1;
+        if (c->offset < 0 || n < 0 || c->offset + n > c->b[0].len / c->width) return -1;
+        return n * c->width;
+    case 'S': {
+        if (nb_offsets_ok(&c->b[0], c->offset, n, c->b[1].len)) return -1;
+        Py_ssize_t size = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t a = rd_i32(&c->b[0], c->offset + i), e = rd_i32(&c->b[0], c->offset + i + 1);
+            size += (Py_ssize_t)varint_len((uint64_t)(e - a)) + (e - a);
+        }
+        return size;
+    }
+    case 'A': {
+        /* list offsets index the child array, which starts at child_offset */
+        if (nb_offsets_ok(&c->b[0], c->offset, n, PY_SSIZE_T_MAX)) return -1;
+        int32_t lo = rd_i32(&c->b[0], c->offset), hi = rd_i32(&c->b[0], c->offset + n);
+        if (c->child_offset < 0 ||
+            nb_offsets_ok(&c->b[1], c->child_offset + lo, hi - lo, c->b[2].len))
+            return -1;
+        Py_ssize_t size = 8 * n;
+        for (Py_ssize_t j = lo; j < hi; j++) {
+            int32_t a = rd_i32(&c->b[1], c->child_offset + j);
+            int32_t e = rd_i32(&c->b[1], c->child_offset + j + 1);
+            size += (Py_ssize_t)varint_len((uint64_t)(e - a)) + (e - a);
+        }
+        return size;
+    }
+    }
+    return -1;
+}
+
+/* writes a chunk's values; Array columns write offsets for every chunk first (see below) */
+static uint8_t *nb_chunk_write(const nb_chunk *c, uint8_t *p) {
+    Py_ssize_t n = c->length;
+    const uint8_t *d;
+    switch (c->kind) {
+    case 'F':
+        memcpy(p, (const char *)c->b[0].buf + c->offset * c->width, (size_t)(n * c->width));
+        return p + n * c->width;
+    case 'U':
+        /* ClickHouse keeps a UUID as two little-endian 64-bit halves, high half first */
+        d = (const uint8_t *)c->b[0].buf + c->offset * 16;
+        for (Py_ssize_t i = 0; i < n; i++, d += 16, p += 16)
+            for (int k = 0; k < 8; k++) {
+                p[k] = d[7 - k];
+                p[8 + k] = d[15 - k];
+            }
+        return p;
+    case 'S':
+        d = (const uint8_t *)c->b[1].buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t a = rd_i32(&c->b[0], c->offset + i), e = rd_i32(&c->b[0], c->offset + i + 1);
+            p = put_varint(p, (uint64_t)(e - a));
+            memcpy(p, d + a, (size_t)(e - a));
+            p += e - a;
+        }
+        return p;
+    case 'A': {
+        int32_t lo = rd_i32(&c->b[0], c->offset), hi = rd_i32(&c->b[0], c->offset + n);
+        d = (const uint8_t *)c->b[2].buf;
+        for (int32_t j = lo; j < hi; j++) {
+            int32_t a = rd_i32(&c->b[1], c->child_offset + j);
+            int32_t e = rd_i32(&c->b[1], c->child_offset + j + 1);
+            p = put_varint(p, (uint64_t)(e - a));
+            memcpy(p, d + a, (size_t)(e - a));
+            p += e - a;
+        }
+        return p;
+    }
+    }
+    return p;
+}
+
+static void nb_free(nb_col *cols, Py_ssize_t ncols) {
+    if (!cols) return;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        PyBuffer_Release(&cols[i].name);
+        PyBuffer_Release(&cols[i].type);
+        for (Py_ssize_t j = 0; j < cols[i].nchunks; j++)
+            for (int k = 0; k < cols[i].chunks[j].nb; k++) PyBuffer_Release(&cols[i].chunks[j].b[k]);
+        PyMem_Free(cols[i].chunks);
+    }
+    PyMem_Free(cols);
+}
+
+static int nb_parse_chunk(PyObject *t, char kind, nb_chunk *c) {
+    c->kind = kind;
+    int ok = 0;
+    switch (kind) {
+    case 'F':
+    case 'U':
+        ok = PyArg_ParseTuple(t, "nnny*", &c->offset, &c->length, &c->width, &c->b[0]);
+        c->nb = ok ? 1 : 0;
+        break;
+    case 'S':
+        ok = PyArg_ParseTuple(t, "nny*y*", &c->offset, &c->length, &c->b[0], &c->b[1]);
+        c->nb = ok ? 2 : 0;
+        break;
+    case 'A':
+        ok = PyArg_ParseTuple(t, "nny*ny*y*", &c->offset, &c->length, &c->b[0],
+                              &c->child_offset, &c->b[1], &c->b[2]);
+        c->nb = ok ? 3 : 0;
+        break;
+    default:
+        PyErr_SetString(PyExc_ValueError, "unknown column kind");
+    }
+    return ok ? 0 : -1;
+}
+
+static PyObject *native_block(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t nrows;
+    PyObject *spec, *result = NULL;
+    if (!PyArg_ParseTuple(args, "nO!", &nrows, &PyList_Type, &spec)) return NULL;
+    Py_ssize_t ncols = PyList_GET_SIZE(spec);
+    if (nrows < 0 || ncols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "a block needs columns and a row count");
+        return NULL;
+    }
+    nb_col *cols = PyMem_Calloc((size_t)ncols, sizeof(nb_col));
+    if (!cols) return PyErr_NoMemory();
+    Py_ssize_t parsed = 0;
+    for (; parsed < ncols; parsed++) {
+        nb_col *col = &cols[parsed];
+        PyObject *chunks;
+        int kind;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(spec, parsed), "y*y*CO!", &col->name, &col->type,
+                              &kind, &PyList_Type, &chunks))
+            goto fail;
+        col->kind = (char)kind;
+        Py_ssize_t nchunks = PyList_GET_SIZE(chunks);
+        col->chunks = PyMem_Calloc((size_t)(nchunks ? nchunks : 1), sizeof(nb_chunk));
+        if (!col->chunks) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t j = 0; j < nchunks; j++) {
+            if (!PyTuple_Check(PyList_GET_ITEM(chunks, j))) {
+                PyErr_SetString(PyExc_TypeError, "a chunk is a tuple");
+                goto fail;
+            }
+            if (nb_parse_chunk(PyList_GET_ITEM(chunks, j), col->kind, &col->chunks[j])) goto fail;
+            col->nchunks = j + 1;
+        }
+    }
+    /* sizes (and bounds) first, then one allocation */
+    size_t total = varint_len((uint64_t)ncols) + varint_len((uint64_t)nrows);
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < ncols && !bad; i++) {
+        nb_col *col = &cols[i];
+        Py_ssize_t rows = 0;
+        total += varint_len((uint64_t)col->name.len) + (size_t)col->name.len +
+                 varint_len((uint64_t)col->type.len) + (size_t)col->type.len;
+        for (Py_ssize_t j = 0; j < col->nchunks; j++) {
+            Py_ssize_t size = nb_chunk_size(&col->chunks[j]);
+            if (size < 0) {
+                bad = 1;
+                break;
+            }
+            total += (size_t)size;
+            rows += col->chunks[j].length;
+        }
+        if (rows != nrows) bad = 1;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "a column's buffers do not hold its rows");
+        goto fail;
+    }
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!result) goto fail;
+    uint8_t *start = (uint8_t *)PyBytes_AS_STRING(result), *p = start;
+    Py_BEGIN_ALLOW_THREADS
+    p = put_varint(p, (uint64_t)ncols);
+    p = put_varint(p, (uint64_t)nrows);
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        nb_col *col = &cols[i];
+        p = put_varint(p, (uint64_t)col->name.len);
+        memcpy(p, col->name.buf, (size_t)col->name.len);
+        p += col->name.len;
+        p = put_varint(p, (uint64_t)col->type.len);
+        memcpy(p, col->type.buf, (size_t)col->type.len);
+        p += col->type.len;
+        if (col->kind == 'A') { /* Array: every row's end offset (UInt64), then the values */
+            uint64_t end = 0;
+            for (Py_ssize_t j = 0; j < col->nchunks; j++) {
+                const nb_chunk *c = &col->chunks[j];
+                for (Py_ssize_t r = 0; r < c->length; r++) {
+                    end += (uint64_t)(rd_i32(&c->b[0], c->offset + r + 1) -
+                                      rd_i32(&c->b[0], c->offset + r));
+                    memcpy(p, &end, 8);
+                    p += 8;
+                }
+            }
+        }
+        for (Py_ssize_t j = 0; j < col->nchunks; j++) p = nb_chunk_write(&col->chunks[j], p);
+    }
+    Py_END_ALLOW_THREADS
+    if ((size_t)(p - start) != total) { /* cannot happen: the sizes above are exact */
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_RuntimeError, "Native block size mismatch");
+    }
+    nb_free(cols, ncols);
+    return result;
+fail:
+    Py_XDECREF(result);
+    nb_free(cols, ncols);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"extract", native_extract, METH_VARARGS,
      "extract(raw, now_us, sender, key_id, data_key, index_key[, max_rows[, validate]]) -> "
      "None | False | (rows, ords, columns, spans)"},
     {"validate_traces", native_validate_traces, METH_VARARGS,
      "validate_traces(raw) -> (True | False | None, spans): protobuf's verdict on raw"},
+    {"native_block", native_block, METH_VARARGS,
+     "native_block(nrows, columns) -> bytes: Arrow columns as one ClickHouse Native block"},
     {"link", native_link, METH_VARARGS,
      "link(leaves, writer_id, seq, head) -> the chain's hashes, 32 bytes each, joined"},
     {NULL, NULL, 0, NULL}};

@@ -53,7 +53,7 @@ from ._checkpointer import Checkpointer
 from ._checkpointer import for_service as checkpointer_for_service
 from ._config import ServiceConfig
 from ._extract import Extractor
-from ._fast import native_linker
+from ._fast import native_block_encoder, native_linker
 from ._infra import InfraConfig
 from ._metrics import Metrics
 from ._process import Processed, RequestProcessor, init_worker, native_for, work
@@ -116,6 +116,8 @@ class _Local:
             store.close()
             raise ConfigError("the ClickHouse schema is missing or old: run `phiaudit migrate "
                               "--clickhouse ADMIN_URL` with an administrator account first")
+        if config.native_extractor:
+            store.block_encoder = native_block_encoder()
         self.store = store_factory(store) if store_factory else store
         self.writer_id = writer_identity(self.data_dir, config.writer_id) + writer_suffix
         # the service's writer spools to local disk while the store fails; the command line's

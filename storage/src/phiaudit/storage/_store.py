@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +274,10 @@ class Store:
         self._client = client
         #: embedded only: a handle on the same chDB engine, for streaming inserts (no file)
         self._engine = engine
+        #: embedded only: (Arrow table, ClickHouse types of its columns) -> one block of the
+        #: Native format, or None; inserts given the types send it instead of an Arrow stream
+        #: (the receiver's compiled ``native_block``: less parsing in the engine)
+        self.block_encoder: Callable[[Any, list[str]], bytes | None] | None = None
         self.location = location
         self.database = location.database
         self._lock = threading.Lock()
@@ -335,12 +339,15 @@ class Store:
             data = arrow_table(columns, rows)
         except (ValueError, TypeError, OverflowError) as exc:
             raise PermanentError(f"insert into {table}: a value does not fit its column") from exc
-        self.insert_arrow(table, data, token)
+        self.insert_arrow(table, data, token, types=[c.type for c in columns])
 
-    def insert_arrow(self, table: str, data: Any, token: str) -> None:
-        """Insert an Arrow table (a batch, or a spooled block); idempotent per ``token``."""
+    def insert_arrow(self, table: str, data: Any, token: str,
+                     types: list[str] | None = None) -> None:
+        """Insert an Arrow table (a batch, or a spooled block); idempotent per ``token``.
+        ``types``, the ClickHouse types of its columns, lets the embedded store send it in
+        the Native format (``block_encoder``)."""
         if self._engine is not None:
-            self._stream_arrow(table, data, token)
+            self._stream_arrow(table, data, token, types)
             return
         settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
@@ -350,17 +357,30 @@ class Store:
         except Exception as exc:
             raise _map_error(exc, f"insert into {table}") from exc
 
-    def _stream_arrow(self, table: str, data: Any, token: str) -> None:
-        """The embedded engine's insert: the table as one Arrow IPC stream, from memory
-        (~1.6 us a row less than through a file, and no copy of audit rows in /tmp)."""
+    def _stream_arrow(self, table: str, data: Any, token: str,
+                      types: list[str] | None = None) -> None:
+        """The embedded engine's insert, from memory (no copy of audit rows in /tmp): one
+        block of the Native format where ``block_encoder`` takes the table (the engine's own
+        format: ~5 ms less parsing per 4,096 audit rows), else one Arrow IPC stream (~1.6 us
+        a row less than through a file)."""
         import pyarrow as pa
 
         if not table.replace("_", "").isalnum():
             raise ValueError("table name must be alphanumeric")
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, data.schema) as writer:
-            writer.write_table(data)
-        payload = sink.getvalue().to_pybytes()
+        payload: bytes | None = None
+        if self.block_encoder is not None and types is not None:
+            try:
+                payload = self.block_encoder(data, types)
+            except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+                _log.warning("Native encoding of a block failed (%s); sending it as Arrow",
+                             type(exc).__name__)
+        fmt = "Native"
+        if payload is None:
+            fmt = "ArrowStream"
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, data.schema) as writer:
+                writer.write_table(data)
+            payload = sink.getvalue().to_pybytes()
         # the schema's own names (otel_traces has dotted ones: `Events.Name`), quoted
         columns = ", ".join("`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
                             for name in data.schema.names)
@@ -369,7 +389,7 @@ class Store:
                f"insert_deduplication_token = '{quoted}', async_insert = 0")
         try:
             with self._lock:
-                inserter = self._engine.send_insert(sql, "ArrowStream")
+                inserter = self._engine.send_insert(sql, fmt)
                 try:
                     inserter.append(payload)
                     inserter.finish()

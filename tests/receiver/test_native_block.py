@@ -24,6 +24,7 @@ from phiaudit.receiver._fast import native_available, native_block, native_block
 from phiaudit.storage import (
     AUDIT_COLUMNS,
     BatchWriter,
+    PermanentError,
     Store,
     StoreLocation,
     TableSpec,
@@ -261,3 +262,18 @@ def test_only_exact_type_pairs_are_encoded(arrow_type: pa.DataType, ch_type: str
     _require_native()
     column = pa.array([], arrow_type)
     assert (native_block(pa.table({"c": column}), [ch_type]) is not None) is taken
+
+
+def test_a_block_naming_a_column_the_table_lacks_is_refused(store: Store) -> None:
+    """Native inserts carry no column list (the engine matches the block's names): a name
+    the table does not have must fail the insert, never be dropped while the rest is stored
+    (``input_format_skip_unknown_fields = 0``)."""
+    table = arrow_table(AUDIT_COLUMNS, _rows(5, 3, "nb-renamed"))
+    renamed = table.rename_columns(["querry" if n == "query" else n for n in table.column_names])
+    store.block_encoder = lambda data, types: native_block(renamed, types)
+    try:
+        with pytest.raises(PermanentError):
+            store.insert_arrow("audit_events", table, "nb-renamed-1", types=TYPES)
+    finally:
+        store.block_encoder = None
+    assert _stored(store, "nb-renamed") == []

@@ -44,8 +44,9 @@ typedef struct {
     size_t len, cap;
 } gbuf;
 
-static int gb_reserve(gbuf *b, size_t extra) {
-    if (b->len + extra <= b->cap) return 0;
+/* the slow path of gb_reserve, out of line: the check below is inlined at every call (as a
+   call of its own it was ~4% of the extractor's time) */
+static __attribute__((noinline)) int gb_grow(gbuf *b, size_t extra) {
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + extra) {
         if (cap > ((size_t)1 << 40)) return -1;
@@ -58,7 +59,11 @@ static int gb_reserve(gbuf *b, size_t extra) {
     return 0;
 }
 
-static int gb_put(gbuf *b, const void *d, size_t n) {
+static inline int gb_reserve(gbuf *b, size_t extra) {
+    return b->len + extra <= b->cap ? 0 : gb_grow(b, extra);
+}
+
+static inline int gb_put(gbuf *b, const void *d, size_t n) {
     if (gb_reserve(b, n)) return -1;
     if (n) memcpy(b->p + b->len, d, n);
     b->len += n;

@@ -472,3 +472,34 @@ def test_chdb_shaped_arrow_is_cast_to_the_schema(store: Store, encoder: RecordEn
     assert _ids(store, writer) == [r[0] for r in rows]
     assert _stored(store, writer) == _expected(writer, rows)
     _verified(store, writer, 6)
+
+
+def test_an_insert_does_not_wait_for_a_long_query(store: Store, encoder: RecordEncoder) -> None:
+    """The embedded store's streaming inserts have their own connection and lock: a slow
+    query (a checkpoint folding 100,000 rows takes up to ~270 ms under load) must not hold
+    up the insert that acknowledgements wait for."""
+    import threading
+
+    rows = _rows(encoder, 3, "while-querying")
+    table = _arrow(rows)
+    linked, _, _ = link_arrow(ChainState("while-querying"), table)
+    started = threading.Event()
+    took: list[float] = []
+
+    def slow_query() -> None:
+        started.set()
+        t0 = time.monotonic()
+        store.query("SELECT sum(sleepEachRow(0.5)) FROM numbers(6)")  # ~3 s
+        took.append(time.monotonic() - t0)
+
+    q = threading.Thread(target=slow_query)
+    q.start()
+    started.wait()
+    time.sleep(0.3)  # the query holds the query lock by now
+    store.insert_arrow("audit_events", linked, "while-querying-1",
+                       types=[c.type for c in AUDIT_COLUMNS])
+    query_still_running = q.is_alive()
+    q.join()
+    assert took and took[0] >= 2.5  # the query did hold its lock that long
+    assert query_still_running  # the insert did not wait for it
+    assert _stored(store, "while-querying") == _expected("while-querying", rows)

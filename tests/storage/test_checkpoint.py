@@ -286,3 +286,30 @@ def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
     assert broken.broken_at == 300 and broken.tree.size == 299
     assert broken.head == rows[298][names.index("hash")]
     assert GENESIS == b"\x00" * 32
+
+
+def test_checkpointer_finds_every_writer_and_its_head_through_the_key(
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
+    """The writers of a table and their highest seq, found by walking the primary key
+    (writer_id, seq) a writer at a time, are exactly what a GROUP BY over every row says:
+    writer ids that sort between others, share prefixes, or are not ASCII included."""
+    from phiaudit.receiver._checkpointer import Checkpointer
+
+    names = ["hd-b", "hd-a", "hd-ab", "hd-ä", "hd-a-very-long-writer-identity" * 3]
+    for i, name in enumerate(names):
+        w = BatchWriter(store, name, [TableSpec("audit_events", AUDIT_COLUMNS, True)])
+        w.start()
+        for _ in range(2):  # two parts per writer
+            w.submit(None, {"audit_events": _audit_rows(encoder, i + 1)}).result(timeout=60)
+        assert w.shutdown()
+    cpr = Checkpointer(store, SigningKey.open(data_dir), DirectoryAnchor(tmp_path / "a"))
+    _, expected = store.query(
+        "SELECT writer_id, max(seq) FROM audit_events GROUP BY writer_id ORDER BY writer_id")
+    heads = cpr._heads("audit_events")
+    assert heads == [(str(w), int(s)) for w, s in expected]
+    mine = {w: s for w, s in heads if w.startswith("hd-")}
+    assert mine == {name: 2 * (i + 1) for i, name in enumerate(names)}
+    assert cpr._heads("infra_events") == [
+        (str(w), int(s)) for w, s in store.query(
+            "SELECT writer_id, max(seq) FROM infra_events GROUP BY writer_id "
+            "ORDER BY writer_id")[1]]

@@ -173,9 +173,7 @@ class Checkpointer:
             self._retry_pending()
             now = time.monotonic()
             for table in self._tables:
-                _, heads = self._store.query(
-                    f"SELECT writer_id, max(seq) FROM {table} GROUP BY writer_id")
-                for writer, top in heads:
+                for writer, top in self._heads(table):
                     chain = self._chains.get((table, str(writer)))
                     if chain is None:
                         chain = self._chains[(table, str(writer))] = _Chain(table, str(writer))
@@ -191,6 +189,36 @@ class Checkpointer:
                             continue
                         self._checkpoint(chain)
                         chain.checkpointed_at = now
+
+    def _heads(self, table: str) -> list[tuple[str, int]]:
+        """Every writer of ``table`` with its highest sequence number, found through the
+        primary key (writer_id, seq): two short ordered reads per writer (~4 ms each here),
+        which touch a granule or so of each part whatever the table's size. (A GROUP BY
+        writer_id read every row of every chained table at each round: 116 ms at 6 million
+        rows, a core's worth of a busy service after some weeks of data.)"""
+        heads: list[tuple[str, int]] = []
+        writer: str | None = None
+        while True:
+            if writer is None:
+                _, rows = self._store.query(
+                    f"SELECT writer_id FROM {table} ORDER BY writer_id LIMIT 1")
+            else:
+                _, rows = self._store.query(
+                    f"SELECT writer_id FROM {table} WHERE writer_id > {{w:String}} "
+                    "ORDER BY writer_id LIMIT 1", {"w": writer})
+            if not rows:
+                return heads
+            found = str(rows[0][0])
+            if writer is not None and found <= writer:  # cannot happen; never loop on it
+                _log.error("checkpointer: writers of %s not in key order; stopping at %d",
+                           table, len(heads))
+                return heads
+            writer = found
+            _, top = self._store.query(
+                f"SELECT seq FROM {table} WHERE writer_id = {{w:String}} "
+                "ORDER BY seq DESC LIMIT 1", {"w": writer})
+            if top:
+                heads.append((writer, int(top[0][0])))
 
     def _follow_blocks(self, chain: _Chain, end: int) -> bool:
         """Extend the tree by whole blocks of BLOCK_LEAVES rows (size .. end, both multiples

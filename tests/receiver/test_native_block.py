@@ -277,3 +277,23 @@ def test_a_block_naming_a_column_the_table_lacks_is_refused(store: Store) -> Non
     finally:
         store.block_encoder = None
     assert _stored(store, "nb-renamed") == []
+
+
+def test_an_encoder_failure_falls_back_to_the_arrow_stream(store: Store) -> None:
+    """The Native block is an optimisation: if the encoder fails, the rows still go in (as
+    Arrow), once."""
+    rows = _rows(4, 5, "nb-fallback")
+    table = arrow_table(AUDIT_COLUMNS, rows)
+
+    def broken(data: pa.Table, types: list[str]) -> bytes | None:
+        raise RuntimeError("encoder failed")
+
+    store.block_encoder = broken
+    try:
+        store.insert_arrow("audit_events", table, "nb-fallback-1", types=TYPES)
+    finally:
+        store.block_encoder = None
+    store.insert_arrow("audit_events", arrow_table(AUDIT_COLUMNS, _rows(4, 5, "nb-fb-ref")),
+                       "nb-fb-ref-1", types=TYPES)
+    assert len(_stored(store, "nb-fallback")) == 4
+    assert _stored(store, "nb-fallback") == _stored(store, "nb-fb-ref")

@@ -376,7 +376,8 @@ class Store:
         if self.block_encoder is not None and types is not None:
             try:
                 payload = self.block_encoder(data, types)
-            except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+            except (ValueError, TypeError, OverflowError, RuntimeError, MemoryError,
+                    pa.ArrowException) as exc:
                 _log.warning("Native encoding of a block failed (%s); sending it as Arrow",
                              type(exc).__name__)
         fmt = "Native"

@@ -1,9 +1,9 @@
 """Test builds of the compiled extension: a sanitized build of ``_native.c`` for the fuzz
 tests, and loading such a build in place of the installed one (``NATIVE_TEST_SO``).
 
-Shared by ``test_native`` / ``native_fuzz`` and ``test_validate`` / ``validate_fuzz``.
-Imports nothing from ``phiaudit``: ``use_test_so`` must run before anything imports
-``phiaudit.receiver._fast``.
+Shared by ``test_native`` / ``native_fuzz``, ``test_validate`` / ``validate_fuzz`` and
+``test_native_block``. Imports nothing from ``phiaudit`` at import time: ``use_test_so`` must
+run before anything imports ``phiaudit.receiver._fast``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 SOURCE = (Path(__file__).resolve().parent.parent.parent
           / "receiver" / "src" / "phiaudit" / "receiver" / "_native.c")
@@ -54,3 +55,21 @@ def use_test_so() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules["phiaudit.receiver._native"] = module
+
+
+def require_native() -> Any:
+    """The compiled extension module for a test that needs it: the test fails in CI
+    (``CI=true``: CI must test the compiled path) and is skipped elsewhere when it is not
+    built."""
+    import pytest
+
+    from phiaudit.receiver._fast import native_available
+
+    ok, why = native_available()
+    if not ok:
+        reason = f"{why} (python receiver/build_native.py --check builds it)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from phiaudit.receiver import _native  # type: ignore[attr-defined]
+    return _native

@@ -29,7 +29,6 @@ import pyarrow as pa
 import pytest
 
 from phiaudit.receiver._extract import Extractor
-from phiaudit.receiver._fast import native_available
 from phiaudit.receiver._process import RequestProcessor, native_for
 from tests.conftest import ROOT, cli_env
 from tests.receiver import native_build
@@ -39,20 +38,9 @@ SEED = int(os.environ.get("NATIVE_TEST_SEED", "20260101"))
 SCALE = float(os.environ.get("NATIVE_TEST_SCALE", "1"))
 
 
-def _require_native() -> None:
-    """Fails in CI (``CI=true``: CI must test the compiled path), skips elsewhere."""
-    ok, why = native_available()
-    if ok:
-        return
-    reason = f"{why} (python receiver/build_native.py --check builds it)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> nc.Keys:
-    _require_native()
+    native_build.require_native()
     return nc.Keys.open(tmp_path_factory.mktemp("native") / "data")
 
 
@@ -253,7 +241,7 @@ def test_compiled_linker_links_as_python(writer: str) -> None:
     """``_native.link`` (the writer's linker where the extension is built) gives exactly the
     chain ``link_arrow`` computes in Python: across seq digit boundaries, from genesis and
     from a head, for any writer id bytes; and refuses malformed input."""
-    _require_native()
+    native_build.require_native()
     from phiaudit.receiver._fast import native_linker
     from phiaudit.storage import AUDIT_COLUMNS, ChainState, arrow_schema, link_arrow
 
@@ -283,7 +271,7 @@ def test_compiled_linker_links_as_python(writer: str) -> None:
 
 
 def test_untrusted_bytes_never_crash_and_agree_with_python(tmp_path: Path) -> None:
-    _require_native()
+    native_build.require_native()
     fuzz = [sys.executable, "-m", "tests.receiver.native_fuzz"]
     procs = {"fuzz": subprocess.Popen(
         [*fuzz, "--data-dir", str(tmp_path / "fuzz"), "--seed", str(SEED), "--scale",

@@ -31,7 +31,7 @@ from phiaudit.storage import (
     migrate,
 )
 from phiaudit.storage._arrow import arrow_table
-from tests.receiver.test_native import _require_native
+from tests.receiver import native_build
 
 TYPES = [c.type for c in AUDIT_COLUMNS]
 NAMES = [c.name for c in AUDIT_COLUMNS]
@@ -39,7 +39,7 @@ NAMES = [c.name for c in AUDIT_COLUMNS]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    _require_native()
+    native_build.require_native()
     loc = StoreLocation(data_dir=tmp_path_factory.mktemp("native-block") / "data")
     migrate(loc)
     s = Store.open(loc)
@@ -122,7 +122,7 @@ def test_native_block_stores_what_the_arrow_stream_stores(store: Store) -> None:
 
 
 def test_the_encoder_declines_what_it_does_not_take() -> None:
-    _require_native()
+    native_build.require_native()
     table = arrow_table(AUDIT_COLUMNS, _rows(3, 1, "w"))
     assert native_block(table, TYPES) is not None
     # a null anywhere: the Arrow stream says it, Native has no nulls for these types
@@ -140,7 +140,7 @@ def test_the_encoder_declines_what_it_does_not_take() -> None:
 def test_the_block_layout_is_clickhouse_native() -> None:
     """Byte for byte what the engine itself writes for the same values (its SELECT ... FORMAT
     Native): header, names, types, UUID halves, varint lengths, Array offsets."""
-    _require_native()
+    native_build.require_native()
     table = pa.table({
         "u": pa.array([uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes],
                       pa.binary(16)),
@@ -183,9 +183,8 @@ def _i32(*values: int) -> bytes:
     (2, [(b"n", b"UInt64", "F", [(0, 1, 8, b"\0" * 16)])]),
 ])
 def test_chunks_that_do_not_fit_their_buffers_raise(nrows: int, spec: list[Any]) -> None:
-    _require_native()
-    from phiaudit.receiver import _native  # type: ignore[attr-defined]
-
+    native_build.require_native()
+    _native = native_build.require_native()
     with pytest.raises(ValueError):
         _native.native_block(nrows, spec)
     # the same call with a block that fits is accepted: the test above is not vacuous
@@ -233,7 +232,7 @@ def test_the_writer_sends_native_blocks_and_the_rows_are_stored(store: Store,
 
 def test_native_available_here_in_ci() -> None:
     """The receiver bench and the service rely on it: CI builds the extension."""
-    _require_native()
+    native_build.require_native()
     assert native_available()[0]
 
 
@@ -259,7 +258,7 @@ def test_only_exact_type_pairs_are_encoded(arrow_type: pa.DataType, ch_type: str
                                            taken: bool) -> None:
     """A column whose Arrow and ClickHouse types the encoder does not map exactly is never
     guessed at: the whole table goes as Arrow (None)."""
-    _require_native()
+    native_build.require_native()
     column = pa.array([], arrow_type)
     assert (native_block(pa.table({"c": column}), [ch_type]) is not None) is taken
 

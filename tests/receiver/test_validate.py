@@ -31,7 +31,7 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 
 from phiaudit.receiver import _process
 from phiaudit.receiver._extract import Extractor
-from phiaudit.receiver._fast import native_available, trace_schema, validation_available
+from phiaudit.receiver._fast import trace_schema, validation_available
 from phiaudit.receiver._process import MalformedRequest, RequestProcessor, native_for
 from tests.conftest import ROOT, cli_env
 from tests.receiver import native_build
@@ -43,21 +43,9 @@ SEED = int(os.environ.get("NATIVE_TEST_SEED", "20260101"))
 SCALE = float(os.environ.get("NATIVE_TEST_SCALE", "1"))
 
 
-def _require_native() -> Any:
-    """The extension (fails in CI, skips elsewhere when it is not built)."""
-    ok, why = native_available()
-    if not ok:
-        reason = f"{why} (python receiver/build_native.py --check builds it)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from phiaudit.receiver import _native  # type: ignore[attr-defined]
-    return _native
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> nc.Keys:
-    _require_native()
+    native_build.require_native()
     return nc.Keys.open(tmp_path_factory.mktemp("validate") / "data")
 
 
@@ -66,7 +54,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> nc.Keys:
 
 
 def test_the_validator_knows_the_installed_schema() -> None:
-    native = _require_native()
+    native = native_build.require_native()
     assert validation_available() == (True, "")
     mine = tuple(sorted((name, tuple(sorted(fields))) for name, fields in native.TRACE_SCHEMA))
     assert mine == trace_schema()
@@ -214,7 +202,7 @@ RULES: list[tuple[str, bytes, bool]] = [
 
 @pytest.mark.parametrize(("name", "raw", "want"), RULES, ids=[r[0] for r in RULES])
 def test_upb_rule(name: str, raw: bytes, want: bool) -> None:
-    native = _require_native()
+    native = native_build.require_native()
     upb, compiled = nc.protobuf_accepts(raw), native.validate_traces(raw)[0]
     assert upb is want, f"protobuf no longer behaves so: {name}"
     assert compiled is want, name
@@ -222,7 +210,7 @@ def test_upb_rule(name: str, raw: bytes, want: bool) -> None:
 
 def test_deep_unknown_fields_are_not_looked_into() -> None:
     """Nesting past the limit inside an unknown field's bytes: upb never parses them."""
-    native = _require_native()
+    native = native_build.require_native()
     inner = b"x"
     for _ in range(300):
         inner = vf.ld(99, inner)
@@ -233,7 +221,7 @@ def test_deep_unknown_fields_are_not_looked_into() -> None:
 
 def test_span_counts_and_threads() -> None:
     """The count is protobuf's; calls from threads (the GIL is released) agree."""
-    native = _require_native()
+    native = native_build.require_native()
     from concurrent.futures import ThreadPoolExecutor
 
     raws = [c.raw for c in vf.cases(SEED, 300)]
@@ -283,7 +271,7 @@ def _summary(name: str, proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def test_validator_agrees_with_protobuf_on_mutated_requests(tmp_path: Path) -> None:
-    _require_native()
+    native_build.require_native()
     fuzz = [sys.executable, "-m", "tests.receiver.validate_fuzz"]
     n = int(20_000 * SCALE)
     procs = {"validate_fuzz": subprocess.Popen(

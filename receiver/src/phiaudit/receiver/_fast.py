@@ -238,7 +238,8 @@ def native_block(table: pa.Table, ch_types: list[str]) -> bytes | None:
         kind, width = how
         spec.append((field.name.encode("utf-8"), _native_type(ch_type).encode("ascii"), kind,
                      _chunks(kind, width, column)))
-    return bytes(_native.native_block(table.num_rows, spec))
+    block: bytes = _native.native_block(table.num_rows, spec)
+    return block
 
 
 def native_block_encoder() -> Any:

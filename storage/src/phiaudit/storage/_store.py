@@ -352,7 +352,7 @@ class Store:
         ``types``, the ClickHouse types of its columns, lets the embedded store send it in
         the Native format (``block_encoder``)."""
         if self._engine is not None:
-            self._stream_arrow(table, data, token, types)
+            self._stream_insert(table, data, token, types)
             return
         settings = {"insert_deduplication_token": token, "async_insert": 0}
         try:
@@ -362,7 +362,7 @@ class Store:
         except Exception as exc:
             raise _map_error(exc, f"insert into {table}") from exc
 
-    def _stream_arrow(self, table: str, data: Any, token: str,
+    def _stream_insert(self, table: str, data: Any, token: str,
                       types: list[str] | None = None) -> None:
         """The embedded engine's insert, from memory (no copy of audit rows in /tmp): one
         block of the Native format where ``block_encoder`` takes the table (the engine's own

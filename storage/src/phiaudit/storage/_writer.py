@@ -302,8 +302,6 @@ class BatchWriter:
         self._store = store
         self.writer_id = writer_id
         self._specs = {t.name: t for t in tables}
-        #: each table's ClickHouse column types, for the store's Native-format inserts
-        self._types = {t.name: [c.type for c in t.columns] for t in tables}
         self._states: dict[str, ChainState] = {}
         self._max_rows = max_rows
         self._max_wait = max_wait
@@ -638,7 +636,8 @@ class BatchWriter:
                 seq_head = new_states.get(name, (0, b""))
                 self._spool.append(name, spec.columns, data, token, *seq_head)
             else:
-                self._store.insert_arrow(name, data, token, types=self._types[name])
+                self._store.insert_arrow(name, data, token,
+                                         types=[c.type for c in spec.columns])
             # committed: whatever happens to the batch's other tables, these rows are never
             # linked or inserted again (re-linking them from the old head forked the chain)
             for item in batch:

@@ -167,7 +167,9 @@ def native_linker() -> Any:
 _NATIVE_INTS = {"UInt8": pa.uint8(), "UInt16": pa.uint16(), "UInt32": pa.uint32(),
                 "UInt64": pa.uint64(), "Int8": pa.int8(), "Int16": pa.int16(),
                 "Int32": pa.int32(), "Int64": pa.int64()}
-_NATIVE_STRINGS = ("String", "LowCardinality(String)")
+#: binary columns: 'S' as they are, 'L' dictionary-encoded (as the table keeps them)
+_NATIVE_STRINGS = {"String": "S", "LowCardinality(String)": "L"}
+_NATIVE_LISTS = {"Array(String)": "A", "Array(LowCardinality(String))": "M"}
 _TIME_UNITS = {"s": 0, "ms": 3, "us": 6, "ns": 9}
 
 
@@ -180,9 +182,10 @@ def _column_kind(typ: pa.DataType, ch_type: str) -> tuple[str, int] | None:
     ``ch_type`` (kind, value width), or None unless both types are ones it maps exactly (any
     other type, Nullable included, goes as Arrow)."""
     if ch_type in _NATIVE_STRINGS:
-        return ("S", 0) if _binary(typ) else None
-    if ch_type in ("Array(String)", "Array(LowCardinality(String))"):
-        return ("A", 0) if pa.types.is_list(typ) and _binary(typ.value_type) else None
+        return (_NATIVE_STRINGS[ch_type], 0) if _binary(typ) else None
+    if ch_type in _NATIVE_LISTS:
+        list_of_binary = pa.types.is_list(typ) and _binary(typ.value_type)
+        return (_NATIVE_LISTS[ch_type], 0) if list_of_binary else None
     if ch_type == "UUID":
         return ("U", 16) if typ == pa.binary(16) else None
     if ch_type.startswith("FixedString("):
@@ -196,12 +199,6 @@ def _column_kind(typ: pa.DataType, ch_type: str) -> tuple[str, int] | None:
     return None
 
 
-def _native_type(ch_type: str) -> str:
-    """The type a Native block declares for a column of ``ch_type``: LowCardinality is how
-    the table stores it, and the engine converts String to it on insert."""
-    return ch_type.replace("LowCardinality(String)", "String")
-
-
 def _buf(b: Any) -> Any:
     return b if b is not None else b""
 
@@ -212,7 +209,7 @@ def _chunks(kind: str, width: int, column: Any) -> list[tuple[Any, ...]]:
         bufs = chunk.buffers()
         if kind in "FU":
             out.append((chunk.offset, len(chunk), width, _buf(bufs[1])))
-        elif kind == "S":
+        elif kind in "SL":
             out.append((chunk.offset, len(chunk), _buf(bufs[1]), _buf(bufs[2])))
         else:
             values = chunk.values
@@ -236,7 +233,7 @@ def native_block(table: pa.Table, ch_types: list[str]) -> bytes | None:
         if how is None or column.null_count:
             return None
         kind, width = how
-        spec.append((field.name.encode("utf-8"), _native_type(ch_type).encode("ascii"), kind,
+        spec.append((field.name.encode("utf-8"), ch_type.encode("ascii"), kind,
                      _chunks(kind, width, column)))
     block: bytes = _native.native_block(table.num_rows, spec)
     return block

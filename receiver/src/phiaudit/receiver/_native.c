@@ -1572,6 +1572,12 @@ out:
  *   'S' binary/string, int32 offsets:                            (offset, length, offsets, data)
  *   'A' list of binary, int32 offsets: (offset, length, list_offsets, child_offset,
  *                                       child_offsets, child_data)
+ *   'L' LowCardinality(String) from binary:             the chunks of 'S'
+ *   'M' Array(LowCardinality(String)) from list of binary: the chunks of 'A'
+ * 'L' and 'M' columns go dictionary-encoded, as the engine writes them itself (the key
+ * version, then the index width and flags, the keys with the default "" first, the indexes):
+ * the engine then hashes each distinct value once instead of converting every row of a
+ * String column (~3 ms less per 4,096-row insert into audit_events, bench/README.md).
  * Every offset and length is checked against its buffer; anything out of bounds raises
  * ValueError (the caller then inserts the Arrow stream). The GIL is released while copying. */
 
@@ -1584,11 +1590,22 @@ typedef struct {
     int nb;
 } nb_chunk;
 
+/* a LowCardinality column's dictionary: keys[0] is the default "", idx one key per value */
+typedef struct {
+    const uint8_t **key_p;
+    uint32_t *key_n;
+    uint32_t nkeys;
+    uint32_t *idx;
+    size_t nvalues;
+    size_t keys_size; /* the keys in Native: varint length + bytes each */
+} nb_dict;
+
 typedef struct {
     Py_buffer name, type;
     char kind;
     nb_chunk *chunks;
     Py_ssize_t nchunks;
+    nb_dict dict;
 } nb_col;
 
 static size_t varint_len(uint64_t v) {
@@ -1709,6 +1726,143 @@ static uint8_t *nb_chunk_write(const nb_chunk *c, uint8_t *p) {
     return p;
 }
 
+static uint64_t nb_hash(const uint8_t *p, size_t n) {
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)n;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
+    return h ^ (h >> 29);
+}
+
+static void nb_dict_free(nb_dict *d) {
+    PyMem_RawFree(d->key_p);
+    PyMem_RawFree(d->key_n);
+    PyMem_RawFree(d->idx);
+    memset(d, 0, sizeof(*d));
+}
+
+/* the column's values (every chunk's, in order) as keys and one index per value; the chunks
+   were checked by nb_chunk_size. Returns -1 when out of memory. No GIL needed. */
+static int nb_dict_build(nb_col *col) {
+    nb_dict *d = &col->dict;
+    size_t nvalues = 0;
+    for (Py_ssize_t j = 0; j < col->nchunks; j++) {
+        const nb_chunk *c = &col->chunks[j];
+        if (col->kind == 'L') {
+            nvalues += (size_t)c->length;
+        } else {
+            int32_t lo = rd_i32(&c->b[0], c->offset), hi = rd_i32(&c->b[0], c->offset + c->length);
+            nvalues += (size_t)(hi - lo);
+        }
+    }
+    if (nvalues >= 0xffffffffu) return -1;
+    size_t cap = 16;
+    while (cap < 2 * (nvalues + 1)) cap <<= 1;
+    uint32_t *slots = PyMem_RawCalloc(cap, sizeof(uint32_t)); /* key index + 1; 0: empty */
+    d->key_p = PyMem_RawMalloc((nvalues + 1) * sizeof(*d->key_p));
+    d->key_n = PyMem_RawMalloc((nvalues + 1) * sizeof(*d->key_n));
+    d->idx = PyMem_RawMalloc((nvalues ? nvalues : 1) * sizeof(*d->idx));
+    if (!slots || !d->key_p || !d->key_n || !d->idx) {
+        PyMem_RawFree(slots);
+        nb_dict_free(d);
+        return -1;
+    }
+    static const uint8_t empty = 0;
+    d->key_p[0] = &empty;
+    d->key_n[0] = 0;
+    d->nkeys = 1;
+    d->keys_size = 1;
+    slots[nb_hash(&empty, 0) & (cap - 1)] = 1;
+    const uint8_t *prev_p = &empty;
+    uint32_t prev_n = 0, prev_k = 0;
+    size_t v = 0;
+    for (Py_ssize_t j = 0; j < col->nchunks; j++) {
+        const nb_chunk *c = &col->chunks[j];
+        const Py_buffer *offs = col->kind == 'L' ? &c->b[0] : &c->b[1];
+        const uint8_t *data = (const uint8_t *)(col->kind == 'L' ? c->b[1].buf : c->b[2].buf);
+        Py_ssize_t first, last;
+        if (col->kind == 'L') {
+            first = c->offset;
+            last = c->offset + c->length;
+        } else {
+            first = c->child_offset + rd_i32(&c->b[0], c->offset);
+            last = c->child_offset + rd_i32(&c->b[0], c->offset + c->length);
+        }
+        for (Py_ssize_t i = first; i < last; i++) {
+            int32_t a = rd_i32(offs, i), e = rd_i32(offs, i + 1);
+            const uint8_t *p = data + a;
+            uint32_t n = (uint32_t)(e - a);
+            /* a run of one value (service, host, sender, writer...) costs one comparison */
+            if (n != prev_n || (n && memcmp(p, prev_p, n) != 0)) {
+                size_t s = (size_t)nb_hash(p, n) & (cap - 1);
+                for (;;) {
+                    uint32_t k = slots[s];
+                    if (!k) {
+                        k = d->nkeys++;
+                        d->key_p[k] = p;
+                        d->key_n[k] = n;
+                        d->keys_size += varint_len(n) + n;
+                        slots[s] = k + 1;
+                        prev_k = k;
+                        break;
+                    }
+                    k--;
+                    if (d->key_n[k] == n && (n == 0 || memcmp(d->key_p[k], p, n) == 0)) {
+                        prev_k = k;
+                        break;
+                    }
+                    s = (s + 1) & (cap - 1);
+                }
+                prev_p = p;
+                prev_n = n;
+            }
+            d->idx[v++] = prev_k;
+        }
+    }
+    d->nvalues = v;
+    PyMem_RawFree(slots);
+    return 0;
+}
+
+static int nb_index_width(uint32_t nkeys) {
+    return nkeys <= 0x100 ? 1 : nkeys <= 0x10000 ? 2 : 4;
+}
+
+/* the dictionary-encoded values in Native, after the key version (and an Array's offsets) */
+static size_t nb_dict_size(const nb_dict *d) {
+    return 8 + 8 + d->keys_size + 8 + d->nvalues * (size_t)nb_index_width(d->nkeys);
+}
+
+static uint8_t *put_u64(uint8_t *p, uint64_t v) {
+    memcpy(p, &v, 8);
+    return p + 8;
+}
+
+static uint8_t *nb_dict_write(const nb_dict *d, uint8_t *p) {
+    int w = nb_index_width(d->nkeys);
+    /* index type (0: UInt8, 1: UInt16, 2: UInt32) | HasAdditionalKeys | NeedUpdateDictionary */
+    p = put_u64(p, (uint64_t)(w == 1 ? 0 : w == 2 ? 1 : 2) | (1u << 9) | (1u << 10));
+    p = put_u64(p, d->nkeys);
+    for (uint32_t k = 0; k < d->nkeys; k++) {
+        p = put_varint(p, d->key_n[k]);
+        if (d->key_n[k]) memcpy(p, d->key_p[k], d->key_n[k]);
+        p += d->key_n[k];
+    }
+    p = put_u64(p, d->nvalues);
+    for (size_t i = 0; i < d->nvalues; i++) {
+        uint32_t k = d->idx[i];
+        if (w == 1) {
+            *p++ = (uint8_t)k;
+        } else if (w == 2) {
+            uint16_t x = (uint16_t)k;
+            memcpy(p, &x, 2);
+            p += 2;
+        } else {
+            memcpy(p, &k, 4);
+            p += 4;
+        }
+    }
+    return p;
+}
+
 static void nb_free(nb_col *cols, Py_ssize_t ncols) {
     if (!cols) return;
     for (Py_ssize_t i = 0; i < ncols; i++) {
@@ -1717,11 +1871,13 @@ static void nb_free(nb_col *cols, Py_ssize_t ncols) {
         for (Py_ssize_t j = 0; j < cols[i].nchunks; j++)
             for (int k = 0; k < cols[i].chunks[j].nb; k++) PyBuffer_Release(&cols[i].chunks[j].b[k]);
         PyMem_Free(cols[i].chunks);
+        nb_dict_free(&cols[i].dict);
     }
     PyMem_Free(cols);
 }
 
 static int nb_parse_chunk(PyObject *t, char kind, nb_chunk *c) {
+    kind = kind == 'L' ? 'S' : kind == 'M' ? 'A' : kind; /* the same buffers */
     c->kind = kind;
     int ok = 0;
     switch (kind) {
@@ -1790,18 +1946,31 @@ static PyObject *native_block(PyObject *self, PyObject *args) {
         Py_ssize_t rows = 0;
         total += varint_len((uint64_t)col->name.len) + (size_t)col->name.len +
                  varint_len((uint64_t)col->type.len) + (size_t)col->type.len;
+        int dict = col->kind == 'L' || col->kind == 'M';
         for (Py_ssize_t j = 0; j < col->nchunks; j++) {
             Py_ssize_t size = nb_chunk_size(&col->chunks[j]);
             if (size < 0) {
                 bad = 1;
                 break;
             }
-            total += (size_t)size;
+            if (!dict) total += (size_t)size;
             rows += col->chunks[j].length;
         }
         if (rows != nrows) bad = 1;
+        if (!bad && dict) {
+            if (nb_dict_build(col)) {
+                bad = 2;
+                break;
+            }
+            /* the key version, an Array's end offsets, the dictionary-encoded values */
+            total += 8 + (col->kind == 'M' ? 8 * (size_t)nrows : 0) + nb_dict_size(&col->dict);
+        }
     }
     Py_END_ALLOW_THREADS
+    if (bad == 2) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     if (bad) {
         PyErr_SetString(PyExc_ValueError, "a column's buffers do not hold its rows");
         goto fail;
@@ -1820,7 +1989,10 @@ static PyObject *native_block(PyObject *self, PyObject *args) {
         p = put_varint(p, (uint64_t)col->type.len);
         memcpy(p, col->type.buf, (size_t)col->type.len);
         p += col->type.len;
-        if (col->kind == 'A') { /* Array: every row's end offset (UInt64), then the values */
+        if (col->kind == 'L' || col->kind == 'M')
+            p = put_u64(p, 1); /* keys: SharedDictionariesWithAdditionalKeys */
+        if (col->kind == 'A' || col->kind == 'M') {
+            /* Array: every row's end offset (UInt64), then the values */
             uint64_t end = 0;
             for (Py_ssize_t j = 0; j < col->nchunks; j++) {
                 const nb_chunk *c = &col->chunks[j];
@@ -1832,7 +2004,10 @@ static PyObject *native_block(PyObject *self, PyObject *args) {
                 }
             }
         }
-        for (Py_ssize_t j = 0; j < col->nchunks; j++) p = nb_chunk_write(&col->chunks[j], p);
+        if (col->kind == 'L' || col->kind == 'M')
+            p = nb_dict_write(&col->dict, p);
+        else
+            for (Py_ssize_t j = 0; j < col->nchunks; j++) p = nb_chunk_write(&col->chunks[j], p);
     }
     Py_END_ALLOW_THREADS
     if ((size_t)(p - start) != total) { /* cannot happen: the sizes above are exact */

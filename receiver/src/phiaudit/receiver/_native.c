@@ -28,11 +28,18 @@
  * row (storage/_chain.py). Key material lives only in this call's memory and is wiped.
  */
 #define PY_SSIZE_T_CLEAN
+/* SHA-256 through libcrypto's SHA256_* functions, which OpenSSL 3 marks deprecated in favour of
+ * EVP: for the short messages here (an event id, a row, a blind index: 2-5 a span) EVP's
+ * provider dispatch, and above all EVP_MD_CTX_copy_ex (a context allocated and freed, and a
+ * reference count shared by every thread bumped, per HMAC), cost more than the digest itself.
+ * The same assembly does the hashing either way. */
+#define OPENSSL_API_COMPAT 0x10101000L
 #include <Python.h>
 #include <limits.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/sha.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -686,9 +693,8 @@ typedef struct {
     gbuf plain;   /* scratch */
     gbuf extra;   /* the JSON of extra */
     EVP_CIPHER_CTX *aes;
-    EVP_MD_CTX *md, *hin, *hout, *tmp;
+    SHA256_CTX hin, hout; /* HMAC's keyed inner and outer states: copied per blind index */
     size_t max_rows;    /* 0: no limit; past it the request is left to Python (-3) */
-    EVP_MD *sha256;     /* fetched once: an implicit fetch at every init takes locks */
     EVP_CIPHER *gcm;
     uint8_t key_hdr[4];
     uint8_t nonces[12 * 256]; /* drawn from the OS generator 256 at a time */
@@ -741,26 +747,23 @@ static int put_str(out_t *o, int c, const void *p, size_t n) {
 }
 
 static int sha256(out_t *o, const void *p, size_t n, uint8_t out[32]) {
-    unsigned int len = 0;
-    if (EVP_DigestInit_ex(o->md, o->sha256, NULL) != 1) return -1;
-    if (EVP_DigestUpdate(o->md, p, n) != 1) return -1;
-    if (EVP_DigestFinal_ex(o->md, out, &len) != 1) return -1;
+    (void)o;
+    SHA256_CTX c;
+    if (SHA256_Init(&c) != 1 || SHA256_Update(&c, p, n) != 1 || SHA256_Final(out, &c) != 1)
+        return -1;
     return 0;
 }
 
 /* HMAC-SHA256 from the keyed inner/outer states */
 static int hmac(out_t *o, const char *domain, const uint8_t *v, size_t n, uint8_t mac[32]) {
     uint8_t inner[32];
-    unsigned int len = 0;
-    if (EVP_MD_CTX_copy_ex(o->tmp, o->hin) != 1) return -1;
-    if (EVP_DigestUpdate(o->tmp, domain, strlen(domain)) != 1) return -1;
-    if (EVP_DigestUpdate(o->tmp, "|", 1) != 1) return -1;
-    if (EVP_DigestUpdate(o->tmp, v, n) != 1) return -1;
-    if (EVP_DigestFinal_ex(o->tmp, inner, &len) != 1) return -1;
-    if (EVP_MD_CTX_copy_ex(o->tmp, o->hout) != 1) return -1;
-    if (EVP_DigestUpdate(o->tmp, inner, 32) != 1) return -1;
-    if (EVP_DigestFinal_ex(o->tmp, mac, &len) != 1) return -1;
-    return 0;
+    SHA256_CTX c = o->hin;
+    int ok = SHA256_Update(&c, domain, strlen(domain)) == 1 && SHA256_Update(&c, "|", 1) == 1 &&
+             SHA256_Update(&c, v, n) == 1 && SHA256_Final(inner, &c) == 1;
+    c = o->hout;
+    ok = ok && SHA256_Update(&c, inner, 32) == 1 && SHA256_Final(mac, &c) == 1;
+    OPENSSL_cleanse(&c, sizeof(c));
+    return ok ? 0 : -1;
 }
 
 static int put_bidx(out_t *o, int c, const char *domain, str_t v) {
@@ -1278,11 +1281,8 @@ static void out_free(out_t *o) {
     gb_free(&o->plain, 1);
     gb_free(&o->extra, 1);
     if (o->aes) EVP_CIPHER_CTX_free(o->aes);
-    if (o->md) EVP_MD_CTX_free(o->md);
-    if (o->hin) EVP_MD_CTX_free(o->hin);
-    if (o->hout) EVP_MD_CTX_free(o->hout);
-    if (o->tmp) EVP_MD_CTX_free(o->tmp);
-    if (o->sha256) EVP_MD_free(o->sha256);
+    OPENSSL_cleanse(&o->hin, sizeof(o->hin));
+    OPENSSL_cleanse(&o->hout, sizeof(o->hout));
     if (o->gcm) EVP_CIPHER_free(o->gcm);
 }
 
@@ -1385,14 +1385,9 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
     o.key_hdr[1] = (uint8_t)(key_id >> 16);
     o.key_hdr[2] = (uint8_t)(key_id >> 8);
     o.key_hdr[3] = (uint8_t)key_id;
-    o.sha256 = EVP_MD_fetch(NULL, "SHA2-256", NULL);
     o.gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
     o.aes = EVP_CIPHER_CTX_new();
-    o.md = EVP_MD_CTX_new();
-    o.hin = EVP_MD_CTX_new();
-    o.hout = EVP_MD_CTX_new();
-    o.tmp = EVP_MD_CTX_new();
-    if (!o.sha256 || !o.gcm || !o.aes || !o.md || !o.hin || !o.hout || !o.tmp) {
+    if (!o.gcm || !o.aes) {
         PyErr_NoMemory();
         goto out;
     }
@@ -1401,12 +1396,10 @@ static PyObject *native_extract(PyObject *self, PyObject *args) {
         int ok = EVP_EncryptInit_ex(o.aes, o.gcm, NULL, dk.buf, NULL) == 1;
         memset(pad, 0x36, 64);
         for (int i = 0; i < 32; i++) pad[i] ^= ((const uint8_t *)ik.buf)[i];
-        ok = ok && EVP_DigestInit_ex(o.hin, o.sha256, NULL) == 1 &&
-             EVP_DigestUpdate(o.hin, pad, 64) == 1;
+        ok = ok && SHA256_Init(&o.hin) == 1 && SHA256_Update(&o.hin, pad, 64) == 1;
         memset(pad, 0x5c, 64);
         for (int i = 0; i < 32; i++) pad[i] ^= ((const uint8_t *)ik.buf)[i];
-        ok = ok && EVP_DigestInit_ex(o.hout, o.sha256, NULL) == 1 &&
-             EVP_DigestUpdate(o.hout, pad, 64) == 1;
+        ok = ok && SHA256_Init(&o.hout) == 1 && SHA256_Update(&o.hout, pad, 64) == 1;
         OPENSSL_cleanse(pad, sizeof(pad));
         if (!ok) {
             PyErr_SetString(PyExc_RuntimeError, "libcrypto initialisation failed");
@@ -1496,8 +1489,6 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     unsigned long long seq = 0;
     PyObject *result = NULL;
     uint8_t *buf = NULL;
-    EVP_MD *md = NULL;
-    EVP_MD_CTX *ctx = NULL;
     int failed = 0;
     if (!PyArg_ParseTuple(args, "y*y*Ky*", &lv, &wid, &seq, &head)) return NULL;
     if (lv.len % 32 != 0 || head.len != 32 || wid.len > 4096) {
@@ -1510,11 +1501,9 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
         goto out;
     }
     result = PyBytes_FromStringAndSize(NULL, n * 32);
-    md = EVP_MD_fetch(NULL, "SHA2-256", NULL);
-    ctx = EVP_MD_CTX_new(); /* one context for every row: no allocation per digest */
     /* prev(32) + ns(writer) + ns(seq: at most 20 digits) + leaf(32) */
     buf = (uint8_t *)malloc(32 + 8 + (size_t)wid.len + 24 + 32);
-    if (!result || !md || !ctx || !buf) {
+    if (!result || !buf) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         Py_CLEAR(result);
         goto out;
@@ -1537,8 +1526,9 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
         at += dn;
         memcpy(buf + at, (const uint8_t *)lv.buf + 32 * i, 32);
         at += 32;
-        if (EVP_DigestInit_ex(ctx, md, NULL) != 1 || EVP_DigestUpdate(ctx, buf, at) != 1 ||
-            EVP_DigestFinal_ex(ctx, hashes + 32 * i, NULL) != 1) {
+        SHA256_CTX c;
+        if (SHA256_Init(&c) != 1 || SHA256_Update(&c, buf, at) != 1 ||
+            SHA256_Final(hashes + 32 * i, &c) != 1) {
             failed = 1;
             break;
         }
@@ -1551,8 +1541,6 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
     }
 out:
     free(buf);
-    if (ctx) EVP_MD_CTX_free(ctx);
-    if (md) EVP_MD_free(md);
     PyBuffer_Release(&lv);
     PyBuffer_Release(&wid);
     PyBuffer_Release(&head);

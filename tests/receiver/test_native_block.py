@@ -250,8 +250,16 @@ def _i32(*values: int) -> bytes:
     (1, [(b"a", b"Array(String)", "A", [(0, 1, _i32(0, 2), 0, _i32(0, 1, 50), b"ab")])]),
     (1, [(b"a", b"Array(String)", "A", [(0, 1, _i32(0, 9), 0, _i32(0, 1), b"ab")])]),
     (1, [(b"a", b"Array(String)", "A", [(0, 1, _i32(0, 1), 5, _i32(0, 1), b"ab")])]),
+    # the same checks before a LowCardinality column's dictionary reads a value
+    (1, [(b"s", b"LowCardinality(String)", "L", [(0, 1, _i32(0, 9), b"abc")])]),
+    (2, [(b"s", b"LowCardinality(String)", "L", [(0, 2, _i32(0, 2, 1), b"abc")])]),
+    (1, [(b"a", b"Array(LowCardinality(String))", "M",
+          [(0, 1, _i32(0, 2), 0, _i32(0, 1, 50), b"ab")])]),
+    (1, [(b"a", b"Array(LowCardinality(String))", "M",
+          [(0, 1, _i32(0, 1), 5, _i32(0, 1), b"ab")])]),
     # the chunks hold another number of rows than the block says
     (2, [(b"n", b"UInt64", "F", [(0, 1, 8, b"\0" * 16)])]),
+    (2, [(b"s", b"LowCardinality(String)", "L", [(0, 1, _i32(0, 1), b"a")])]),
 ])
 def test_chunks_that_do_not_fit_their_buffers_raise(nrows: int, spec: list[Any]) -> None:
     native_build.require_native()

@@ -207,7 +207,8 @@ def test_dictionaries_of_every_index_width_store_what_the_arrow_stream_stores(
     table = table.set_column(i_roles, table.schema.field(i_roles),
                              pa.array(roles, table.schema.field(i_roles).type))
     i_seq = NAMES.index("seq")
-    table = table.set_column(i_seq, table.schema.field(i_seq), pa.array(range(1, n + 1), pa.uint64()))
+    table = table.set_column(i_seq, table.schema.field(i_seq),
+                             pa.array(range(1, n + 1), pa.uint64()))
     i_writer = NAMES.index("writer_id")
     tables = {}
     for how in ("arrow", "native"):

@@ -237,22 +237,34 @@ def test_checkpointer_restores_a_newest_anchored_checkpoint_missing_from_the_tab
     assert lost in load_checkpoints(store)
 
 
+@pytest.mark.parametrize("how", ["sql", "compiled"])
 def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
-        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
-    """Blocks of BLOCK_LEAVES rows are checked and folded in ClickHouse: the tree and head
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path, how: str) -> None:
+    """Blocks of BLOCK_LEAVES rows are checked and folded in ClickHouse (``block_roots``) or,
+    in the service, by the compiled ``chain_fold`` over ``chain_rows``: the tree and head
     equal Python's row by row; a bad link inside a block sends that block down the row path,
     which stops the run exactly before the bad row."""
     from phiaudit.receiver._checkpointer import Checkpointer, _Chain
+    from phiaudit.receiver._fast import native_chain_fold
     from phiaudit.storage import BLOCK_LEAVES, GENESIS, ChainState, link_rows
 
-    cpr = Checkpointer(store, SigningKey.open(data_dir), DirectoryAnchor(tmp_path / "a"))
-    w = BatchWriter(store, "cp-blocks", [TableSpec("audit_events", AUDIT_COLUMNS, True)])
+    fold = None
+    if how == "compiled":
+        fold = native_chain_fold()
+        if fold is None:
+            from tests.receiver import native_build
+
+            native_build.require_native()
+    cpr = Checkpointer(store, SigningKey.open(data_dir), DirectoryAnchor(tmp_path / "a"),
+                       fold=fold)
+    writer_id = f"cp-blocks-{how}"
+    w = BatchWriter(store, writer_id, [TableSpec("audit_events", AUDIT_COLUMNS, True)])
     w.start()
     for n in (300, 400, 21):  # 721 rows: two whole blocks and a partial one
         w.submit(None, {"audit_events": _audit_rows(encoder, n)}).result(timeout=60)
     assert w.shutdown()
-    _, hashes = store.query("SELECT hash FROM audit_events WHERE writer_id = 'cp-blocks' "
-                            "ORDER BY seq", binary=True)
+    _, hashes = store.query("SELECT hash FROM audit_events WHERE writer_id = {w:String} "
+                            "ORDER BY seq", {"w": writer_id}, binary=True)
     expected = CompactRange()
     for (h,) in hashes:
         expected.append(leaf_hash(bytes(h)))
@@ -264,7 +276,7 @@ def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
         return folded[-1]
 
     cpr._follow_blocks = spy  # type: ignore[method-assign]
-    chain = _Chain("audit_events", "cp-blocks")
+    chain = _Chain("audit_events", writer_id)
     cpr._follow(chain, 721)  # two blocks in SQL, the last 209 rows one by one
     assert folded == [True]
     assert chain.tree.size == 721 and not chain.broken_at
@@ -275,11 +287,11 @@ def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
     rows = _audit_rows(encoder, 600)
     for r in rows:
         r[-1] = b""  # leaves recomputed by link_rows
-    link_rows(ChainState("cp-broken"), AUDIT_COLUMNS, rows)
+    link_rows(ChainState(f"cp-broken-{how}"), AUDIT_COLUMNS, rows)
     names = [c.name for c in AUDIT_COLUMNS]
     rows[299][names.index("prev_hash")] = b"\x09" * 32
     store.insert_rows("audit_events", AUDIT_COLUMNS, rows, f"cp-broken-{uuid.uuid4()}")
-    broken = _Chain("audit_events", "cp-broken")
+    broken = _Chain("audit_events", f"cp-broken-{how}")
     folded.clear()
     cpr._follow(broken, 600)
     assert folded == [False]  # the bad link is seen in SQL; the row path finds it

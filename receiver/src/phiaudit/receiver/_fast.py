@@ -164,6 +164,13 @@ def native_linker() -> Any:
     return _native.link if native_available()[0] else None
 
 
+def native_chain_fold() -> Any:
+    """The compiled check-and-fold of a writer's stored rows for the checkpointer
+    (``_native.chain_fold`` over ``storage.chain_rows``), or None where the extension is not
+    available (the checkpointer then folds in SQL)."""
+    return _native.chain_fold if native_available()[0] else None
+
+
 _NATIVE_INTS = {"UInt8": pa.uint8(), "UInt16": pa.uint16(), "UInt32": pa.uint32(),
                 "UInt64": pa.uint64(), "Int8": pa.int8(), "Int16": pa.int16(),
                 "Int32": pa.int32(), "Int64": pa.int64()}

@@ -80,10 +80,12 @@ from ._spool import BatchSpool, SpoolFull
 from ._store import ENCRYPTED_POLICY, Store, StoreLocation, admin_client, migrate
 from ._verify import (
     BLOCK_LEAVES,
+    CHAIN_ROW_BYTES,
     CHAINED_TABLES,
     Finding,
     VerifyReport,
     block_roots,
+    chain_rows,
     leaf_sql,
     verify,
 )
@@ -97,6 +99,7 @@ __all__ = [
     "BLOCK_LEAVES",
     "CARE_COLUMNS",
     "CHAINED_TABLES",
+    "CHAIN_ROW_BYTES",
     "CHECKPOINT_COLUMNS",
     "DELIVERY_COLUMNS",
     "ENCRYPTED_COLUMNS",
@@ -154,6 +157,7 @@ __all__ = [
     "arrow_schema",
     "block_roots",
     "canonical_encoder",
+    "chain_rows",
     "check_statement",
     "consistency_proof",
     "default_anchor_dir",

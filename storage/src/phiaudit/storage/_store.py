@@ -431,6 +431,17 @@ class Store:
             raise _map_error(exc, "query") from exc
         return list(result.column_names), list(result.result_rows)
 
+    def query_raw(self, sql: str, parameters: dict[str, Any] | None = None,
+                  fmt: str = "RowBinary") -> bytes:
+        """The result of a SELECT as the engine writes it in ``fmt``: no value becomes a
+        Python object (a reader that takes whole blocks of fixed-width rows)."""
+        try:
+            with self._lock:
+                data: bytes = self._client.raw_query(sql, parameters=parameters, fmt=fmt)
+        except Exception as exc:
+            raise _map_error(exc, "query") from exc
+        return data
+
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         try:
             with self._lock:

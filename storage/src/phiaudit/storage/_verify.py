@@ -334,15 +334,14 @@ CHAIN_ROW_BYTES = 8 + 32 + 32
 
 def chain_rows(store: Any, table: str, writer: str, start: int, end: int) -> bytes:
     """The writer's rows ``start+1 .. end`` as stored, in seq order, as one blob of
-    ``CHAIN_ROW_BYTES`` per row (seq little-endian, prev_hash, hash): what a compiled fold
-    checks and folds at about a third of ``block_roots``' cost (the receiver's
-    ``chain_fold``). Rows missing or repeated show in its length."""
-    _, rows = store.query(
-        "SELECT arrayStringConcat(arrayMap(r -> concat(reinterpretAsFixedString(r.1), r.2, r.3), "
-        f"arraySort(groupArray((seq, prev_hash, hash))))) FROM {table} "
-        "WHERE writer_id = {w:String} AND seq > {a:UInt64} AND seq <= {b:UInt64}",
-        {"w": writer, "a": start, "b": end}, binary=True)
-    return bytes(rows[0][0]) if rows else b""
+    ``CHAIN_ROW_BYTES`` per row (seq little-endian, prev_hash, hash: their RowBinary), for a
+    compiled fold to check and fold at about a third of ``block_roots``' cost (the
+    receiver's ``chain_fold``). Rows missing or repeated show in its length."""
+    data: bytes = store.query_raw(
+        f"SELECT seq, prev_hash, hash FROM {table} WHERE writer_id = {{w:String}} "
+        "AND seq > {a:UInt64} AND seq <= {b:UInt64} ORDER BY seq",
+        {"w": writer, "a": start, "b": end}, fmt="RowBinary")
+    return data
 
 
 def _chain_roots(store: Any, table: str, writer: str, sizes: list[int],

@@ -189,6 +189,46 @@ def test_low_cardinality_columns_go_dictionary_encoded_as_the_engine_writes_them
     assert got == expected
 
 
+def test_arrays_all_empty_carry_no_dictionary() -> None:
+    """Arrays of LowCardinality with no value at all (one span without roles, the common
+    small request): the engine writes the key version and the offsets, and nothing else; a
+    dictionary there would be read as the next column."""
+    native_build.require_native()
+    table = pa.table({"a": pa.array([[], []], pa.list_(pa.binary())),
+                      "n": pa.array([7, 8], pa.uint16())})
+    got = native_block(table, ["Array(LowCardinality(String))", "UInt16"])
+    expected = bytes.fromhex(
+        "02 02"
+        "01 61 1d 4172726179284c6f7743617264696e616c69747928537472696e672929"
+        "01 00 00 00 00 00 00 00"                             # keys version 1
+        "00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"     # end offsets 0, 0
+        "01 6e 06 55496e743136 07 00 08 00")
+    assert got == expected
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_small_block_without_roles_is_stored(store: Store, rows: int) -> None:
+    """The service's smallest requests: a row or three, no roles, every LowCardinality
+    column one value; sent as Native, read back as sent as Arrow."""
+    table = arrow_table(AUDIT_COLUMNS, _rows(rows, 5, "w"))
+    i_roles, i_writer = NAMES.index("actor_roles"), NAMES.index("writer_id")
+    table = table.set_column(i_roles, table.schema.field(i_roles),
+                             pa.array([[]] * rows, table.schema.field(i_roles).type))
+    stored = {}
+    for how, encoder in (("arrow", None), ("native", native_block)):
+        writer = f"nb-small-{rows}-{how}"
+        t = table.set_column(i_writer, table.schema.field(i_writer),
+                             pa.array([writer] * rows, pa.binary()))
+        store.block_encoder = encoder
+        try:
+            store.insert_arrow("audit_events", t, f"nb-small-{rows}-{how}", types=TYPES)
+        finally:
+            store.block_encoder = None
+        stored[how] = _stored(store, writer)
+    assert len(stored["arrow"]) == rows
+    assert stored["native"] == stored["arrow"]
+
+
 @pytest.mark.parametrize("distinct", [1, 255, 256, 300, 65_600])
 def test_dictionaries_of_every_index_width_store_what_the_arrow_stream_stores(
         store: Store, distinct: int) -> None:

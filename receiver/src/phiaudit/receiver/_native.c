@@ -1814,8 +1814,10 @@ static int nb_index_width(uint32_t nkeys) {
     return nkeys <= 0x100 ? 1 : nkeys <= 0x10000 ? 2 : 4;
 }
 
-/* the dictionary-encoded values in Native, after the key version (and an Array's offsets) */
+/* the dictionary-encoded values in Native, after the key version (and an Array's offsets);
+   none at all without values (arrays all empty), as the engine writes it */
 static size_t nb_dict_size(const nb_dict *d) {
+    if (!d->nvalues) return 0;
     return 8 + 8 + d->keys_size + 8 + d->nvalues * (size_t)nb_index_width(d->nkeys);
 }
 
@@ -1825,6 +1827,7 @@ static uint8_t *put_u64(uint8_t *p, uint64_t v) {
 }
 
 static uint8_t *nb_dict_write(const nb_dict *d, uint8_t *p) {
+    if (!d->nvalues) return p;
     int w = nb_index_width(d->nkeys);
     /* index type (0: UInt8, 1: UInt16, 2: UInt32) | HasAdditionalKeys | NeedUpdateDictionary */
     p = put_u64(p, (uint64_t)(w == 1 ? 0 : w == 2 ? 1 : 2) | (1u << 9) | (1u << 10));

@@ -93,9 +93,14 @@ def _counts_by_trace(svc: RunningService, trace_ids: list[str]) -> dict[str, dic
             for r in rows}
 
 
+@pytest.mark.parametrize("spans", [3, 40])
 def test_unavailable_with_retry_info_then_stored_exactly_once(flaky: RunningService,
-                                                              flag: Path) -> None:
-    trace_id, raw = _request("retry", 3)
+                                                              flag: Path, spans: int) -> None:
+    """``spans`` 3: a request processed on the event loop; 40 (over 4 KiB): one processed on
+    the extraction threads, where its key is computed too. Either way a retry attaches to
+    the pending batch, and a late duplicate adds nothing."""
+    trace_id, raw = _request(f"retry{spans}", spans)
+    assert (len(raw) >= 4096) is (spans == 40)
     flag.touch()
     with RawClient(flaky.address) as client:
         err = client.export_error(raw, timeout=5)
@@ -118,7 +123,7 @@ def test_unavailable_with_retry_info_then_stored_exactly_once(flaky: RunningServ
         _until_ok(client, raw)
         assert client.export(raw) == grpc.StatusCode.OK  # a late duplicate: OK, no rows
     counts = _counts_by_trace(flaky, [trace_id])
-    assert counts == {trace_id: {"n": 3, "ids": 3, "seqs": 3}}
+    assert counts == {trace_id: {"n": spans, "ids": spans, "seqs": spans}}
     assert flaky.metrics()["export_unavailable"] >= 2
 
 

@@ -10,6 +10,7 @@ chain, the writer and the store stay in the service process.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -57,6 +58,17 @@ class Processed:
     stats: dict[str, int]
     infra_rows: list[list[Any]] = field(default_factory=list)
     rollup_rows: list[list[Any]] = field(default_factory=list)
+    #: ``request_key`` of the request, where it was computed beside the extraction
+    key: bytes | None = None
+
+
+def request_key(signal: str, raw: bytes) -> bytes:
+    """The writer's key for a request: identical request bytes are stored once (a client's
+    retry of a request whose acknowledgement it missed). SHA-256 over ~0.3 ms per 370 KB
+    request: computed where the request is processed, not on the event loop."""
+    digest = hashlib.sha256(signal.encode() + b"|")
+    digest.update(raw)  # not concatenated: no copy of the request
+    return digest.digest()
 
 
 class RequestProcessor:
@@ -116,6 +128,12 @@ class RequestProcessor:
         stats.audit_events += len(skip)
         stats.audit_rows += table.num_rows - len(extracted.audit)
         return self._finish(extracted, table, native_spans=len(skip))
+
+    def process_keyed(self, signal: str, raw: bytes, sender: str) -> Processed:
+        """``process``, and the request's ``request_key`` beside it."""
+        processed = self.process(signal, raw, sender)
+        processed.key = request_key(signal, raw)
+        return processed
 
     def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         # traces with the compiled extractor: its validator gives protobuf's verdict, and the
@@ -206,4 +224,4 @@ def init_worker(data_dir: str, sensitive: list[str], service_pid: int,
 def work(signal: str, raw: bytes, sender: str) -> Processed:
     if _worker is None:
         raise RuntimeError("worker not initialised")
-    return _worker.process(signal, raw, sender)
+    return _worker.process_keyed(signal, raw, sender)

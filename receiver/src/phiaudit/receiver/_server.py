@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 from concurrent.futures import Future
@@ -36,7 +35,7 @@ from phiaudit.storage import (
 )
 
 from ._auth import SenderAuth, Unauthenticated
-from ._process import MalformedRequest, RequestTooLarge
+from ._process import MalformedRequest, RequestTooLarge, request_key
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -163,9 +162,7 @@ class _Otlp:
             tables["infra_rollups"] = processed.rollup_rows
         if not tables:
             return None
-        digest = hashlib.sha256(signal.encode() + b"|")
-        digest.update(raw)  # not concatenated: no copy of the request
-        key = digest.digest()
+        key = processed.key if processed.key is not None else request_key(signal, raw)
         try:
             return svc.writer.submit(key, tables)
         except Overloaded:

@@ -202,8 +202,8 @@ class Service:
         if len(raw) >= 4096:
             # off the event loop: the compiled extractor releases the GIL, and other requests
             # are taken meanwhile (the writer then sees them coming and batches them together)
-            return await loop.run_in_executor(self._threads, processor.process, signal, raw,
-                                              sender)
+            return await loop.run_in_executor(self._threads, processor.process_keyed, signal,
+                                              raw, sender)
         return processor.process(signal, raw, sender)
 
     def _start_workers(self) -> None:

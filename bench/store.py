@@ -49,10 +49,11 @@ RESULTS = ROOT / "bench" / "results" / "store.json"
 #: variant -> regular-expression substitutions on the audit_events DDL
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     "current": [],
-    "before": [(r" CODEC\(NONE\)", ""), (r", merge_selector_base = 16", ""),
+    "before": [(r" CODEC\(NONE\)", ""), (r", merge_selector_base = 64", ""),
                (r", min_bytes_for_wide_part = 268435456", "")],
     "lz4": [(r" CODEC\(NONE\)", "")],
-    "base5": [(r", merge_selector_base = 16", "")],
+    "base5": [(r", merge_selector_base = 64", "")],
+    "base16": [(r"merge_selector_base = 64", "merge_selector_base = 16")],
     "wide": [(r", min_bytes_for_wide_part = 268435456", "")],
     "nobloom": [(r"\n    INDEX idx_\w+ \w+ TYPE bloom_filter[^\n]*", "")],
     "nolc": [(r"LowCardinality\(String\)", "String")],

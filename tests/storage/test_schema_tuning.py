@@ -35,7 +35,7 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
         "AND name != 'otel_traces_trace_id_ts'")
     assert len(rows) >= 10
     for name, engine in rows:
-        assert "merge_selector_base = 16" in engine, name
+        assert "merge_selector_base = 64" in engine, name
         assert "min_bytes_for_wide_part = 268435456" in engine, name
         assert "non_replicated_deduplication_window = 10000" in engine, name
     # stores made before the tuning get it by ALTER (``_tuning_statements``): that list must

@@ -746,8 +746,8 @@ static int put_str(out_t *o, int c, const void *p, size_t n) {
     return canon_ns(o, p, n);
 }
 
-static int sha256(out_t *o, const void *p, size_t n, uint8_t out[32]) {
-    (void)o;
+/* SHA-256 of p[0..n) into out: the extractor's, the linker's and the fold's one digest */
+static int sha256(const void *p, size_t n, uint8_t out[32]) {
     SHA256_CTX c;
     if (SHA256_Init(&c) != 1 || SHA256_Update(&c, p, n) != 1 || SHA256_Final(out, &c) != 1)
         return -1;
@@ -1084,7 +1084,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
             gb_put(s, sp->span_id.p, sp->span_id.n) || gb_put(s, "|0|", 3) ||
             gb_put(s, idx, (size_t)il))
             return -1;
-        if (sha256(o, s->p, s->len, digest)) return -1;
+        if (sha256(s->p, s->len, digest)) return -1;
         memcpy(eid, digest, 16);
         char uuid[36];
         for (int i = 0, k = 0; i < 16; i++) {
@@ -1161,7 +1161,7 @@ static int emit_span(out_t *o, const span_t *sp, const res_t *res) {
         if (col_bin(o, C_WRITER_ID, "", 0) || col_num(o, C_SEQ, &zero, 8) ||
             col_num(o, C_PREV_HASH, zeros, 32))
             return -1;
-        if (sha256(o, o->canon.p, o->canon.len, leaf) || col_num(o, C_HASH, leaf, 32)) return -1;
+        if (sha256(o->canon.p, o->canon.len, leaf) || col_num(o, C_HASH, leaf, 32)) return -1;
         o->rows++;
         index++;
         if (!pr.p) break;
@@ -1526,9 +1526,7 @@ static PyObject *native_link(PyObject *self, PyObject *args) {
         at += dn;
         memcpy(buf + at, (const uint8_t *)lv.buf + 32 * i, 32);
         at += 32;
-        SHA256_CTX c;
-        if (SHA256_Init(&c) != 1 || SHA256_Update(&c, buf, at) != 1 ||
-            SHA256_Final(hashes + 32 * i, &c) != 1) {
+        if (sha256(buf, at, hashes + 32 * i)) {
             failed = 1;
             break;
         }
@@ -1727,19 +1725,27 @@ static void nb_dict_free(nb_dict *d) {
     memset(d, 0, sizeof(*d));
 }
 
+/* the values of a chunk of an 'L' (its rows) or 'M' (its arrays' items) column: indexes
+   [first, last) into the value offsets, which are c->b[0] ('L') or c->b[1] ('M') */
+static void nb_value_range(char kind, const nb_chunk *c, Py_ssize_t *first, Py_ssize_t *last) {
+    if (kind == 'L') {
+        *first = c->offset;
+        *last = c->offset + c->length;
+    } else {
+        *first = c->child_offset + rd_i32(&c->b[0], c->offset);
+        *last = c->child_offset + rd_i32(&c->b[0], c->offset + c->length);
+    }
+}
+
 /* the column's values (every chunk's, in order) as keys and one index per value; the chunks
    were checked by nb_chunk_size. Returns -1 when out of memory. No GIL needed. */
 static int nb_dict_build(nb_col *col) {
     nb_dict *d = &col->dict;
     size_t nvalues = 0;
+    Py_ssize_t first, last;
     for (Py_ssize_t j = 0; j < col->nchunks; j++) {
-        const nb_chunk *c = &col->chunks[j];
-        if (col->kind == 'L') {
-            nvalues += (size_t)c->length;
-        } else {
-            int32_t lo = rd_i32(&c->b[0], c->offset), hi = rd_i32(&c->b[0], c->offset + c->length);
-            nvalues += (size_t)(hi - lo);
-        }
+        nb_value_range(col->kind, &col->chunks[j], &first, &last);
+        nvalues += (size_t)(last - first);
     }
     if (nvalues >= 0xffffffffu) return -1;
     size_t cap = 16;
@@ -1766,14 +1772,7 @@ static int nb_dict_build(nb_col *col) {
         const nb_chunk *c = &col->chunks[j];
         const Py_buffer *offs = col->kind == 'L' ? &c->b[0] : &c->b[1];
         const uint8_t *data = (const uint8_t *)(col->kind == 'L' ? c->b[1].buf : c->b[2].buf);
-        Py_ssize_t first, last;
-        if (col->kind == 'L') {
-            first = c->offset;
-            last = c->offset + c->length;
-        } else {
-            first = c->child_offset + rd_i32(&c->b[0], c->offset);
-            last = c->child_offset + rd_i32(&c->b[0], c->offset + c->length);
-        }
+        nb_value_range(col->kind, c, &first, &last);
         for (Py_ssize_t i = first; i < last; i++) {
             int32_t a = rd_i32(offs, i), e = rd_i32(offs, i + 1);
             const uint8_t *p = data + a;
@@ -2023,6 +2022,8 @@ fail:
  * chain hashes into the root of its perfect subtree (leaf SHA-256(0x00 || hash), node
  * SHA-256(0x01 || left || right)), as storage's block_roots does in SQL at about a third of
  * its cost. None when a row is missing, repeated or unlinked. The GIL is released. */
+#define CHAIN_ROW 72 /* storage's CHAIN_ROW_BYTES: seq (UInt64 LE), prev_hash, hash */
+
 static PyObject *native_chain_fold(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer rows, head;
@@ -2030,11 +2031,11 @@ static PyObject *native_chain_fold(PyObject *self, PyObject *args) {
     Py_ssize_t block;
     PyObject *roots = NULL, *result = NULL;
     if (!PyArg_ParseTuple(args, "y*Ky*n", &rows, &start, &head, &block)) return NULL;
-    Py_ssize_t n = rows.len / 72;
+    Py_ssize_t n = rows.len / CHAIN_ROW;
     int levels = 0;
     while (levels < 31 && ((Py_ssize_t)1 << levels) < block) levels++;
     if (head.len != 32 || block <= 0 || ((Py_ssize_t)1 << levels) != block ||
-        rows.len % 72 || n % block || (unsigned long long)n > ULLONG_MAX - start) {
+        rows.len % CHAIN_ROW || n % block || (unsigned long long)n > ULLONG_MAX - start) {
         PyErr_SetString(PyExc_ValueError, "chain_fold: rows of 72 bytes, whole blocks, a "
                                           "32-byte head and a power-of-two block");
         goto out;
@@ -2042,12 +2043,12 @@ static PyObject *native_chain_fold(PyObject *self, PyObject *args) {
     roots = PyBytes_FromStringAndSize(NULL, (n / block) * 32);
     if (!roots) goto out;
     uint8_t last[32], stack[32 * 32];
-    int linked = 1;
+    int linked = 1, hashed = 1;
     Py_BEGIN_ALLOW_THREADS
     const uint8_t *r = (const uint8_t *)rows.buf;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(roots);
     memcpy(last, head.buf, 32);
-    for (Py_ssize_t i = 0; i < n && linked; i++, r += 72) {
+    for (Py_ssize_t i = 0; i < n && linked && hashed; i++, r += CHAIN_ROW) {
         uint64_t seq;
         memcpy(&seq, r, 8);
         if (seq != start + 1 + (unsigned long long)i || memcmp(r + 8, last, 32) != 0) {
@@ -2056,21 +2057,16 @@ static PyObject *native_chain_fold(PyObject *self, PyObject *args) {
         }
         memcpy(last, r + 40, 32);
         uint8_t buf[65], h[32];
-        SHA256_CTX c;
-        buf[0] = 0x00;
+        buf[0] = 0x00; /* leaf */
         memcpy(buf + 1, last, 32);
-        SHA256_Init(&c);
-        SHA256_Update(&c, buf, 33);
-        SHA256_Final(h, &c);
+        hashed = sha256(buf, 33, h) == 0;
         Py_ssize_t k = i % block;
         int lvl = 0;
-        for (; (k >> lvl) & 1; lvl++) {
-            buf[0] = 0x01;
+        for (; hashed && (k >> lvl) & 1; lvl++) {
+            buf[0] = 0x01; /* node: the left sibling waiting at this level, then h */
             memcpy(buf + 1, stack + 32 * lvl, 32);
             memcpy(buf + 33, h, 32);
-            SHA256_Init(&c);
-            SHA256_Update(&c, buf, 65);
-            SHA256_Final(h, &c);
+            hashed = sha256(buf, 65, h) == 0;
         }
         if (lvl == levels) {
             memcpy(out, h, 32);
@@ -2080,6 +2076,10 @@ static PyObject *native_chain_fold(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
+    if (!hashed) {
+        PyErr_SetString(PyExc_RuntimeError, "libcrypto failed");
+        goto out;
+    }
     if (!linked) {
         result = Py_NewRef(Py_None);
         goto out;

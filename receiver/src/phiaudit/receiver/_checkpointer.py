@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from phiaudit.storage import (
     BLOCK_LEAVES,
@@ -49,6 +50,10 @@ _log = logging.getLogger("phiaudit.checkpointer")
 
 _CHUNK = 100_000
 
+#: the compiled fold (``_native.chain_fold``): (rows, start, head, block) -> (roots, last head),
+#: or None when the rows are not exactly the chain's next run
+Fold: TypeAlias = Callable[[bytes, int, bytes, int], "tuple[bytes, bytes] | None"]
+
 
 @dataclass
 class _Chain:
@@ -75,7 +80,7 @@ class Checkpointer:
         heartbeat_s: float = 3600.0,
         committed_rows: Any = None,
         tables: tuple[str, ...] = tuple(CHAINED_TABLES),
-        fold: Any = None,
+        fold: Fold | None = None,
     ) -> None:
         self._store = store
         self._key = key
@@ -242,10 +247,10 @@ class Checkpointer:
             folded = self._fold(blob, start, chain.head, BLOCK_LEAVES)
             if folded is None:
                 return False
-            roots, last = folded
-            for k in range(0, len(roots), 32):
-                chain.tree.append_subtree(levels, roots[k:k + 32])
-            chain.head = bytes(last)
+            joined, head = folded
+            for k in range(0, len(joined), 32):
+                chain.tree.append_subtree(levels, joined[k:k + 32])
+            chain.head = head
             return True
         _, rows = self._store.query(
             f"SELECT count(), min(seq), max(seq), "

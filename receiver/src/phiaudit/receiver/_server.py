@@ -35,7 +35,7 @@ from phiaudit.storage import (
 )
 
 from ._auth import SenderAuth, Unauthenticated
-from ._process import MalformedRequest, RequestTooLarge, request_key
+from ._process import MalformedRequest, RequestTooLarge
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -162,9 +162,10 @@ class _Otlp:
             tables["infra_rollups"] = processed.rollup_rows
         if not tables:
             return None
-        key = processed.key if processed.key is not None else request_key(signal, raw)
+        if processed.key is None:  # Service.process always sets it: never store unkeyed
+            raise RuntimeError("a processed request without its key")
         try:
-            return svc.writer.submit(key, tables)
+            return svc.writer.submit(processed.key, tables)
         except Overloaded:
             svc.metrics.inc("export_shed")
             await self._unavailable(context, "overloaded: retry later")

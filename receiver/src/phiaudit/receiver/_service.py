@@ -189,7 +189,8 @@ class Service:
         return self._local.gateway
 
     async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
-        """Parse, extract and encrypt one request: in a worker when it is large enough."""
+        """Parse, extract and encrypt one request, and compute its writer key (``key``): in a
+        worker when it is large enough, on an extraction thread when it is over 4 KiB."""
         pool = self._pool
         loop = asyncio.get_running_loop()
         processor = self._processor
@@ -204,7 +205,7 @@ class Service:
             # are taken meanwhile (the writer then sees them coming and batches them together)
             return await loop.run_in_executor(self._threads, processor.process_keyed, signal,
                                               raw, sender)
-        return processor.process(signal, raw, sender)
+        return processor.process_keyed(signal, raw, sender)
 
     def _start_workers(self) -> None:
         n = self.config.workers

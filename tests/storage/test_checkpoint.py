@@ -277,7 +277,7 @@ def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
 
     cpr._follow_blocks = spy  # type: ignore[method-assign]
     chain = _Chain("audit_events", writer_id)
-    cpr._follow(chain, 721)  # two blocks in SQL, the last 209 rows one by one
+    cpr._follow(chain, 721)  # two whole blocks at once, the last 209 rows one by one
     assert folded == [True]
     assert chain.tree.size == 721 and not chain.broken_at
     assert chain.tree.root() == expected.root() and chain.head == bytes(hashes[-1][0])
@@ -294,7 +294,7 @@ def test_checkpointer_follows_whole_blocks_in_sql_and_finds_a_break_inside_one(
     broken = _Chain("audit_events", f"cp-broken-{how}")
     folded.clear()
     cpr._follow(broken, 600)
-    assert folded == [False]  # the bad link is seen in SQL; the row path finds it
+    assert folded == [False]  # the block check sees the bad link; the row path finds it
     assert broken.broken_at == 300 and broken.tree.size == 299
     assert broken.head == rows[298][names.index("hash")]
     assert GENESIS == b"\x00" * 32

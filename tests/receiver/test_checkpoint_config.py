@@ -1,4 +1,5 @@
-"""The checkpointer's configuration keys are validated at start-up, with their key paths."""
+"""The service's configuration keys (the checkpointer's, the extraction threads) are validated
+at start-up, with their key paths."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ def test_every_bad_checkpoint_key_is_reported(tmp_path: Path) -> None:
     assert "anchor_dir: must be outside the data directory" in errors
     ServiceConfig(data_dir=str(tmp_path / "data"),
                   anchor_dir=str(tmp_path / "elsewhere")).validate()
+
+
+def test_extract_threads_default_is_one_more_than_the_cores() -> None:
+    import os
+
+    from phiaudit.receiver._service import extract_threads
+
+    assert extract_threads(ServiceConfig(data_dir="d")) == (os.cpu_count() or 1) + 1
+    assert extract_threads(ServiceConfig(data_dir="d", extract_threads=2)) == 2
+    for bad in (0, -2, 65, True, "3"):
+        with pytest.raises(ConfigError) as exc:
+            ServiceConfig(data_dir="d", extract_threads=bad).validate()  # type: ignore[arg-type]
+        assert "extract_threads: -1 (one more than the cores) or 1 to 64" in exc.value.errors

@@ -91,6 +91,15 @@ def writer_identity(data_dir: Path, configured: str = "") -> str:
     return wid
 
 
+def extract_threads(config: ServiceConfig) -> int:
+    """The extraction threads: ``extract_threads``, or one more than the cores (-1). With one
+    thread a core, a core idles whenever its thread waits for the GIL (to start a request, or
+    to build its Arrow columns) while the event loop or another thread holds it."""
+    if config.extract_threads > 0:
+        return config.extract_threads
+    return (os.cpu_count() or 1) + 1
+
+
 class _Local:
     """Keys, credentials, store, writer and gateway over one data directory."""
 
@@ -161,7 +170,8 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._processor: RequestProcessor | None = None
-        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="phiaudit-extract")
+        self._threads = ThreadPoolExecutor(max_workers=extract_threads(config),
+                                           thread_name_prefix="phiaudit-extract")
         self._checkpointer: Checkpointer | None = None
         self._rules: RuleScheduler | None = None
         self._stopped = False

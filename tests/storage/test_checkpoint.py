@@ -325,3 +325,64 @@ def test_checkpointer_finds_every_writer_and_its_head_through_the_key(
         (str(w), int(s)) for w, s in store.query(
             "SELECT writer_id, max(seq) FROM infra_events GROUP BY writer_id "
             "ORDER BY writer_id")[1]]
+
+
+def test_own_writers_head_comes_from_the_writer_and_counts_stored_rows_only(
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
+    """The service's checkpointer takes its own writer's head from ``stored_seq`` instead of
+    an ``ORDER BY seq DESC`` read of every part; another writer's head still comes from the
+    store. Rows the writer spooled while the store failed are not in ``stored_seq`` until they
+    are drained, so the checkpointer never looks for rows the store does not hold yet (it
+    would take their absence for a break in the chain and stop checkpointing)."""
+    from phiaudit.receiver._checkpointer import Checkpointer
+    from phiaudit.storage import BatchSpool
+    from tests.receiver.flaky_service import FlakyStore
+
+    spec = [TableSpec("audit_events", AUDIT_COLUMNS, True)]
+    other = BatchWriter(store, "own-other", spec)
+    other.start()
+    other.submit(None, {"audit_events": _audit_rows(encoder, 3)}).result(timeout=60)
+    assert other.shutdown()
+
+    flag = tmp_path / "fail-inserts"
+    flaky = FlakyStore(store, flag)
+    w = BatchWriter(flaky, "own-me", spec, spool=BatchSpool(tmp_path / "spool", 1 << 26),
+                    retry_backoff=(0.05, 0.2))
+    assert w.stored_seq("audit_events") is None  # not started
+    w.start()
+    asked: list[dict[str, Any]] = []
+
+    class Recording:  # the real store; records the parameters of each head query
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def query(self, sql: str, params: dict[str, Any] | None = None, **kw: Any) -> Any:
+            if "ORDER BY seq DESC" in sql:
+                asked.append(dict(params or {}))
+            return store.query(sql, params, **kw)
+
+    cpr = Checkpointer(Recording(), SigningKey.open(data_dir), DirectoryAnchor(tmp_path / "a"),
+                       own_writer="own-me", own_stored=w.stored_seq)
+    try:
+        w.submit(None, {"audit_events": _audit_rows(encoder, 4)}).result(timeout=60)
+        assert w.stored_seq("audit_events") == 4 and w.stored_seq("access_log") is None
+        heads = dict(cpr._heads("audit_events"))
+        assert heads["own-me"] == 4 and heads["own-other"] == 3
+        assert {"w": "own-other"} in asked and all(p.get("w") != "own-me" for p in asked)
+
+        flag.touch()  # the store fails: the next batch is spooled and acknowledged
+        w.submit(None, {"audit_events": _audit_rows(encoder, 2)}).result(timeout=60)
+        assert w.stats.spooled_blocks == 1 and w.stored_seq("audit_events") == 4
+        cpr._round(force=True)
+        chain = cpr._chains[("audit_events", "own-me")]
+        assert chain.tree.size == 4 and not chain.broken_at
+
+        flag.unlink()  # back: the spool drains, and the head follows
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and w.stored_seq("audit_events") != 6:
+            time.sleep(0.05)
+        assert w.stored_seq("audit_events") == 6
+        cpr._round(force=True)
+        assert chain.tree.size == 6 and not chain.broken_at
+    finally:
+        assert w.shutdown()

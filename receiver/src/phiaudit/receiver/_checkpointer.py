@@ -81,6 +81,8 @@ class Checkpointer:
         committed_rows: Any = None,
         tables: tuple[str, ...] = tuple(CHAINED_TABLES),
         fold: Fold | None = None,
+        own_writer: str = "",
+        own_stored: Callable[[str], int | None] | None = None,
     ) -> None:
         self._store = store
         self._key = key
@@ -93,6 +95,10 @@ class Checkpointer:
         #: the compiled check-and-fold of whole blocks (the receiver's ``chain_fold``), or
         #: None: ClickHouse checks and folds them (``block_roots``, ~3x the CPU)
         self._fold = fold
+        #: this service's writer, and its highest stored sequence number per table (the
+        #: writer's ``stored_seq``): that chain's head without a query
+        self._own_writer = own_writer
+        self._own_stored = own_stored
         self._chains: dict[tuple[str, str], _Chain] = {}
         self._pending: list[Checkpoint] = []
         self._known_sizes: dict[tuple[str, str], int] = {}
@@ -227,6 +233,12 @@ class Checkpointer:
                            table, len(heads))
                 return heads
             writer = found
+            known = (self._own_stored(table) if self._own_stored is not None
+                     and writer == self._own_writer else None)
+            if known is not None:
+                # the rows up to it are committed; _follow still reads and checks them all
+                heads.append((writer, known))
+                continue
             _, top = self._store.query(
                 f"SELECT seq FROM {table} WHERE writer_id = {{w:String}} "
                 "ORDER BY seq DESC LIMIT 1", {"w": writer})
@@ -333,4 +345,4 @@ def for_service(config: Any, local: Any) -> Checkpointer:
         local.store, SigningKey.open(data_dir), DirectoryAnchor(anchor_dir, data_dir),
         interval_s=config.checkpoint_interval_ms / 1000, events=config.checkpoint_events,
         heartbeat_s=config.checkpoint_heartbeat_ms / 1000, committed_rows=committed,
-        fold=native_chain_fold())
+        fold=native_chain_fold(), own_writer=writer.writer_id, own_stored=writer.stored_seq)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "src" / "phiaudit" / "receiver"
 SOURCE = HERE / "_native.c"
-FLAGS = ["-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-fstack-protector-strong",
+#: -O3: 10% fewer instructions in the extractor's own code than -O2 (callgrind, 4 requests of 512
+#: audit spans), ~10% less time per request here
+FLAGS = ["-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-fstack-protector-strong",
          "-D_FORTIFY_SOURCE=2", "-fvisibility=hidden"]
 
 

@@ -179,6 +179,7 @@ static int next_field(rd_t *r, fld_t *f) {
         if (n > (uint64_t)(r->end - r->p)) return -1;
         f->s.p = r->p;
         f->s.n = (size_t)n;
+        f->v = n; /* every field read sets v: callers test the wire type first */
         r->p += n;
         return 1;
     }

@@ -351,14 +351,17 @@ def test_own_writers_head_comes_from_the_writer_and_counts_stored_rows_only(
     assert w.stored_seq("audit_events") is None  # not started
     w.start()
     asked: list[dict[str, Any]] = []
+    enumerations: list[str] = []
 
-    class Recording:  # the real store; records the parameters of each head query
+    class Recording:  # the real store; records its head and writer queries
         def __getattr__(self, name: str) -> Any:
             return getattr(store, name)
 
         def query(self, sql: str, params: dict[str, Any] | None = None, **kw: Any) -> Any:
             if "ORDER BY seq DESC" in sql:
                 asked.append(dict(params or {}))
+            if "ORDER BY writer_id" in sql:
+                enumerations.append(sql)
             return store.query(sql, params, **kw)
 
     cpr = Checkpointer(Recording(), SigningKey.open(data_dir), DirectoryAnchor(tmp_path / "a"),
@@ -382,7 +385,50 @@ def test_own_writers_head_comes_from_the_writer_and_counts_stored_rows_only(
         while time.monotonic() < deadline and w.stored_seq("audit_events") != 6:
             time.sleep(0.05)
         assert w.stored_seq("audit_events") == 6
-        cpr._round(force=True)
+        # a round for this writer's new rows alone asks the store for no writer or head
+        asked.clear()
+        queries_before = len(enumerations)
+        cpr._round(force=True, everyone=False)
         assert chain.tree.size == 6 and not chain.broken_at
+        assert asked == [] and len(enumerations) == queries_before
+        assert cpr._chains[("audit_events", "own-other")].tree.size == 3  # from the full round
     finally:
         assert w.shutdown()
+
+
+def test_rounds_for_own_rows_still_find_every_other_writer_each_interval(
+        store: Store, encoder: RecordEncoder, data_dir: Path, tmp_path: Path) -> None:
+    """Rounds that this writer's new rows trigger follow its own chains only; the rounds that
+    find every writer of every table still come at least once an interval, however busy the
+    service is, so another writer's rows get their checkpoints."""
+    from phiaudit.receiver._checkpointer import Checkpointer
+
+    spec = [TableSpec("audit_events", AUDIT_COLUMNS, True)]
+    me = BatchWriter(store, "iv-me", spec)
+    me.start()
+    anchor = DirectoryAnchor(tmp_path / "anchor")
+    cpr = Checkpointer(store, SigningKey.open(data_dir), anchor, interval_s=1.0, events=1,
+                       heartbeat_s=3600,
+                       committed_rows=lambda: me.stats.rows.get("audit_events", 0),
+                       own_writer="iv-me", own_stored=me.stored_seq)
+    cpr.start()
+    try:
+        other = BatchWriter(store, "iv-other", spec)
+        other.start()
+        other.submit(None, {"audit_events": _audit_rows(encoder, 2)}).result(timeout=60)
+        assert other.shutdown()
+
+        def theirs() -> bool:
+            return any(c.writer_id == "iv-other" and c.tree_size == 2
+                       for c in anchor.checkpoints())
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not theirs():
+            # a row of our own every 0.1 s: a round for our rows at every tick
+            me.submit(None, {"audit_events": _audit_rows(encoder, 1)}).result(timeout=60)
+            time.sleep(0.1)
+        assert theirs()
+        assert any(c.writer_id == "iv-me" for c in anchor.checkpoints())
+    finally:
+        cpr.shutdown()
+        assert me.shutdown()

@@ -133,9 +133,10 @@ class Checkpointer:
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
         recovered = self._try_recover()
-        last_round = time.monotonic()
+        last_round = last_full = time.monotonic()
         base = self._rows_committed()
         tick = min(0.25, self._interval, self._heartbeat)
+        every = min(self._interval, self._heartbeat)
         while not self._stop.wait(tick):
             if not recovered:  # the store was down at start: keep trying, then go on
                 recovered = self._try_recover()
@@ -143,13 +144,18 @@ class Checkpointer:
                     continue
             now = time.monotonic()
             rows = self._rows_committed()
-            due = now - last_round >= min(self._interval, self._heartbeat)
+            due = now - last_round >= every
             if rows - base < self._events and not due:
                 continue
             force = rows - base >= self._events
+            # a round for this writer's new rows follows its chains only; every writer of
+            # every table (found through the key, ~40-60 ms a round here) at least this often
+            everyone = due or now - last_full >= every or self._own_stored is None
             base, last_round = rows, now
+            if everyone:
+                last_full = now
             try:
-                self._round(force=force)
+                self._round(force=force, everyone=everyone)
             except Exception as exc:  # the thread must never die; retried next round
                 self.failures += 1
                 _log.warning("checkpointer: round failed (%s); retrying", type(exc).__name__)
@@ -187,12 +193,15 @@ class Checkpointer:
         self._retry_pending()
 
     # -- one round -----------------------------------------------------------------------
-    def _round(self, force: bool) -> None:
+    def _round(self, force: bool, everyone: bool = True) -> None:
+        """Follow the chains and checkpoint those due: every writer's of every table, or
+        (``everyone`` false) only this service's writer's, whose heads need no query."""
         with self._lock:
             self._retry_pending()
             now = time.monotonic()
             for table in self._tables:
-                for writer, top in self._heads(table):
+                heads = self._heads(table) if everyone else self._own_heads(table)
+                for writer, top in heads:
                     chain = self._chains.get((table, str(writer)))
                     if chain is None:
                         chain = self._chains[(table, str(writer))] = _Chain(table, str(writer))
@@ -208,6 +217,10 @@ class Checkpointer:
                             continue
                         self._checkpoint(chain)
                         chain.checkpointed_at = now
+
+    def _own_heads(self, table: str) -> list[tuple[str, int]]:
+        top = self._own_stored(table) if self._own_stored is not None else None
+        return [(self._own_writer, top)] if top else []
 
     def _heads(self, table: str) -> list[tuple[str, int]]:
         """Every writer of ``table`` with its highest sequence number, found through the

@@ -150,7 +150,7 @@ class Checkpointer:
             force = rows - base >= self._events
             # a round for this writer's new rows follows its chains only; every writer of
             # every table (found through the key, ~40-60 ms a round here) at least this often
-            everyone = due or now - last_full >= every or self._own_stored is None
+            everyone = self._own_stored is None or now - last_full >= every
             base, last_round = rows, now
             if everyone:
                 last_full = now
@@ -218,8 +218,12 @@ class Checkpointer:
                         self._checkpoint(chain)
                         chain.checkpointed_at = now
 
+    def _own_top(self, table: str) -> int | None:
+        """This service's writer's highest stored seq in ``table`` (None: not known)."""
+        return self._own_stored(table) if self._own_stored is not None else None
+
     def _own_heads(self, table: str) -> list[tuple[str, int]]:
-        top = self._own_stored(table) if self._own_stored is not None else None
+        top = self._own_top(table)
         return [(self._own_writer, top)] if top else []
 
     def _heads(self, table: str) -> list[tuple[str, int]]:
@@ -246,8 +250,7 @@ class Checkpointer:
                            table, len(heads))
                 return heads
             writer = found
-            known = (self._own_stored(table) if self._own_stored is not None
-                     and writer == self._own_writer else None)
+            known = self._own_top(table) if writer == self._own_writer else None
             if known is not None:
                 # the rows up to it are committed; _follow still reads and checks them all
                 heads.append((writer, known))

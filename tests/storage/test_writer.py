@@ -8,9 +8,6 @@ import time
 import uuid
 from typing import Any
 
-import pyarrow as pa
-import pytest
-
 from phiaudit.storage import (
     AUDIT_COLUMNS,
     AuditEvent,
@@ -159,43 +156,5 @@ def test_a_batch_waits_for_requests_still_being_processed(store: Store,
         w.submit(None, {"audit_events": _rows(encoder, 2, "l3")}).result(timeout=30)
         assert w.stats.batches == 2
         assert time.monotonic() - started < 4.0, "waited for max_wait with nothing coming"
-    finally:
-        assert w.shutdown()
-
-
-def test_announced_requests_end_with_their_submit_or_unexpect(store: Store,
-                                                             encoder: RecordEncoder) -> None:
-    """The service announces each request (``expect``) and queues its rows from the thread
-    that extracted them (``submit(expected=True)``): the batch waits for announced requests,
-    and its wait ends with the last one's submit (in the writer's lock: never a wait for a
-    request already queued), or with ``unexpect`` for a request that brings no rows; a
-    submit that raises still ends its announcement."""
-    w = BatchWriter(store, "test-expect", [SPEC], max_wait=5.0)
-    w.start()
-    try:
-        w.expect()
-        w.expect()
-        w.expect()
-        first = w.submit(None, {"audit_events": _rows(encoder, 3, "e1")}, expected=True)
-        time.sleep(0.3)
-        assert not first.done(), "the batch did not wait for the announced requests"
-        w.unexpect()  # one announced request brings nothing
-        time.sleep(0.3)
-        assert not first.done(), "the batch did not wait for the last announced request"
-        started = time.monotonic()
-        second = w.submit(None, {"audit_events": _rows(encoder, 4, "e2")}, expected=True)
-        second.result(timeout=30)
-        first.result(timeout=30)
-        assert time.monotonic() - started < 4.0, "the last submit did not end the wait"
-        assert w.stats.batches == 1 and w.stats.last_batch_rows == 7
-
-        # a refused submit (rows of the wrong shape) ends its announcement too
-        w.expect()
-        with pytest.raises(TypeError):
-            w.submit(None, {"audit_events": pa.table({"x": [1]})}, expected=True)
-        started = time.monotonic()
-        w.submit(None, {"audit_events": _rows(encoder, 2, "e3")}).result(timeout=30)
-        assert time.monotonic() - started < 4.0, "a refused submit left its request announced"
-        assert w.stats.batches == 2
     finally:
         assert w.shutdown()

@@ -99,7 +99,12 @@ class _Otlp:
         sender = await self._sender(context)
         if not raw:
             return
-        future = await self._process_and_submit(svc, raw, context, signal, sender)
+        local = svc.local
+        local.processing += 1  # until submitted, the writer waits for this request's rows
+        try:
+            future = await self._process_and_submit(svc, raw, context, signal, sender)
+        finally:
+            local.processing -= 1
         if future is None:
             return
         wait = svc.config.ack_timeout_ms / 1000
@@ -122,7 +127,7 @@ class _Otlp:
                                   sender: str) -> Future[None] | None:
         """Parse, extract and queue the request's rows; their commit's future (None: none)."""
         try:
-            processed, future = await svc.process_and_submit(signal, raw, sender)
+            processed = await svc.process(signal, raw, sender)
         except MalformedRequest:
             svc.metrics.inc(f"{signal}_malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -138,11 +143,6 @@ class _Otlp:
             _log.error("a worker process died; restarting the worker pool")
             svc.restart_workers()
             await self._unavailable(context, "temporarily unable to process: retry later")
-        except Overloaded:
-            svc.metrics.inc("export_shed")
-            await self._unavailable(context, "overloaded: retry later")
-        except StorageUnavailable:
-            await self._unavailable(context, "the audit store is unavailable: retry later")
         except Exception as exc:
             svc.metrics.inc(f"{signal}_extract_errors")
             # the message of an exception may quote a field value: log its type only
@@ -151,7 +151,27 @@ class _Otlp:
             await context.abort(grpc.StatusCode.INTERNAL, "could not process the request")
         for name, value in processed.stats.items():
             svc.metrics.inc(name, value)
-        return future
+        tables: dict[str, Any] = {}
+        if len(processed.audit_rows):
+            tables["audit_events"] = processed.audit_rows
+        if processed.trace_rows:
+            tables["otel_traces"] = processed.trace_rows
+        if processed.infra_rows:
+            tables["infra_events"] = processed.infra_rows
+        if processed.rollup_rows:
+            tables["infra_rollups"] = processed.rollup_rows
+        if not tables:
+            return None
+        if processed.key is None:  # Service.process always sets it: never store unkeyed
+            raise RuntimeError("a processed request without its key")
+        try:
+            return svc.writer.submit(processed.key, tables)
+        except Overloaded:
+            svc.metrics.inc("export_shed")
+            await self._unavailable(context, "overloaded: retry later")
+        except StorageUnavailable:
+            await self._unavailable(context, "the audit store is unavailable: retry later")
+        return None  # not reached: _unavailable aborts
 
     async def traces(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await self._export(raw, context, "traces")

@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,38 +100,6 @@ def extract_threads(config: ServiceConfig) -> int:
     return (os.cpu_count() or 1) + 1
 
 
-def _submit(writer: BatchWriter, processed: Processed) -> Future[None] | None:
-    """Queue the rows of an announced request (``writer.expect()``); None when it has none."""
-    tables: dict[str, Any] = {}
-    if len(processed.audit_rows):
-        tables["audit_events"] = processed.audit_rows
-    if processed.trace_rows:
-        tables["otel_traces"] = processed.trace_rows
-    if processed.infra_rows:
-        tables["infra_events"] = processed.infra_rows
-    if processed.rollup_rows:
-        tables["infra_rollups"] = processed.rollup_rows
-    if not tables:
-        writer.unexpect()
-        return None
-    if processed.key is None:  # process_keyed always sets it: never store unkeyed
-        writer.unexpect()
-        raise RuntimeError("a processed request without its key")
-    return writer.submit(processed.key, tables, expected=True)
-
-
-def _process_and_submit(processor: RequestProcessor, writer: BatchWriter, signal: str,
-                        raw: bytes, sender: str) -> tuple[Processed, Future[None] | None]:
-    """``processor.process_keyed``, then ``_submit``: the writer's announced request ends
-    here, whatever happens."""
-    try:
-        processed = processor.process_keyed(signal, raw, sender)
-    except BaseException:
-        writer.unexpect()
-        raise
-    return processed, _submit(writer, processed)
-
-
 class _Local:
     """Keys, credentials, store, writer and gateway over one data directory."""
 
@@ -165,8 +133,11 @@ class _Local:
         # writer (access records of direct reads) does not
         spool = (BatchSpool(self.data_dir / "spool", config.spool_max_bytes)
                  if config.spool_max_bytes > 0 and not writer_suffix else None)
+        #: requests being processed, whose rows the writer will get soon (it waits for them)
+        self.processing = 0
         self.writer = BatchWriter(
             self.store, self.writer_id, TABLES, max_rows=config.batch_max_rows,
+            expecting=lambda: self.processing,
             max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows,
             spool=spool, linker=native_linker() if config.native_extractor else None)
         self.writer.start()
@@ -227,43 +198,24 @@ class Service:
         assert self._local is not None
         return self._local.gateway
 
-    async def process_and_submit(self, signal: str, raw: bytes,
-                                 sender: str) -> tuple[Processed, Future[None] | None]:
-        """Parse, extract and encrypt one request, compute its writer key (``key``) and queue
-        its rows: in a worker when it is large enough, on an extraction thread when it is over
-        4 KiB. Returns the request's ``Processed`` and the future of its rows' commit (None:
-        no rows). The writer knows the request is coming from the start, so a batch being
-        gathered waits for it; its rows are queued by the thread that extracted them (not
-        after a hop through the event loop, which cost ~1.7 ms of every group commit)."""
+    async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
+        """Parse, extract and encrypt one request, and compute its writer key (``key``): in a
+        worker when it is large enough, on an extraction thread when it is over 4 KiB."""
         pool = self._pool
         loop = asyncio.get_running_loop()
         processor = self._processor
         assert processor is not None
-        writer = self.writer
-        writer.expect()
         # traces with the compiled extractor stay in process (a worker's round trip would cost
         # more than the extraction); the Python path's large requests go to the workers
         native = signal == "traces" and processor.native is not None
         if pool is not None and not native and len(raw) >= self.config.worker_min_bytes:
-            try:
-                processed = await loop.run_in_executor(pool, work, signal, raw, sender)
-            except BaseException:
-                writer.unexpect()
-                raise
-            return processed, _submit(writer, processed)
+            return await loop.run_in_executor(pool, work, signal, raw, sender)
         if len(raw) >= 4096:
             # off the event loop: the compiled extractor releases the GIL, and other requests
             # are taken meanwhile (the writer then sees them coming and batches them together)
-            try:
-                job = self._threads.submit(_process_and_submit, processor, writer, signal,
-                                           raw, sender)
-            except BaseException:  # the pool is shut down
-                writer.unexpect()
-                raise
-            # shielded: a job once queued always runs (a cancelled RPC does not cancel it),
-            # and it ends the announcement itself
-            return await asyncio.shield(asyncio.wrap_future(job))
-        return _process_and_submit(processor, writer, signal, raw, sender)
+            return await loop.run_in_executor(self._threads, processor.process_keyed, signal,
+                                              raw, sender)
+        return processor.process_keyed(signal, raw, sender)
 
     def _start_workers(self) -> None:
         n = self.config.workers

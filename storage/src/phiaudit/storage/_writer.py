@@ -8,11 +8,9 @@ column holds each row's leaf digest (the other chain columns are placeholders). 
 thread takes everything queued the moment the previous insert finishes (up to ``max_rows``),
 makes each table's rows one Arrow table, links the chained tables' rows to their writer's hash
 chain (new chain columns; the caller's rows are never changed), and inserts each table as one
-Arrow block. The flush interval is a maximum wait, not a pause: a batch waits only while
-requests are still being processed (announced with ``expect()``, or counted by the caller's
-``expecting``), since their rows would otherwise make a part of their own and their clients
-wait a whole insert longer. An announced request ends with ``submit(..., expected=True)`` or
-``unexpect()``, under the writer's lock: a batch never waits for a request already queued.
+Arrow block. The flush interval is a maximum wait, not a pause: a batch waits only while the
+caller reports requests still being processed (``expecting``), since their rows would otherwise
+make a part of their own and their clients wait a whole insert longer.
 
 Exactly once across client retries:
 
@@ -317,8 +315,6 @@ class BatchWriter:
         # how many requests are being processed and will submit rows soon (the service's
         # count); while there are any, a batch waits for them (up to max_wait)
         self._expecting = expecting
-        #: requests announced with ``expect()`` whose submit (or ``unexpect``) has not come yet
-        self._expected = 0
         self._linker = linker
         self._spool = spool
         self._next_drain = 0.0
@@ -468,40 +464,15 @@ class BatchWriter:
         return self._queued_rows
 
     # -- submitting ----------------------------------------------------------------------
-    def expect(self) -> None:
-        """A request is being processed: until its ``submit(..., expected=True)`` (or
-        ``unexpect()``), a batch waits for its rows (up to ``max_wait``)."""
-        with self._cond:
-            self._expected += 1
-
-    def unexpect(self) -> None:
-        """An announced request will submit nothing (refused, or no rows)."""
-        with self._cond:
-            self._expected -= 1
-            self._cond.notify()
-
-    def submit(self, key: bytes | None, tables: Mapping[str, Rows], *,
-               expected: bool = False) -> Future[None]:
+    def submit(self, key: bytes | None, tables: Mapping[str, Rows]) -> Future[None]:
         """Queue the rows of one request. ``key`` identifies the request across retries.
-        ``expected``: the request was announced with ``expect()``; it no longer is, whatever
-        this call returns or raises.
 
         Each table's rows are a list of rows or a pyarrow Table of schema
         ``arrow_schema(columns)`` (a table that casts to it is cast); a chained table's Arrow
         rows carry their leaf digest in ``hash``. Neither is changed by the writer.
         """
-        try:
-            tables = {name: self._checked(name, rows) for name, rows in tables.items()}
-        except BaseException:
-            if expected:
-                self.unexpect()
-            raise
+        tables = {name: self._checked(name, rows) for name, rows in tables.items()}
         with self._cond:
-            if expected:
-                # in the same lock as the queueing: the batch being gathered sees this
-                # request's rows and the end of its wait at once
-                self._expected -= 1
-                self._cond.notify()
             if self._stopping:
                 raise StorageUnavailable("the writer is shutting down")
             if key is not None:
@@ -566,7 +537,7 @@ class BatchWriter:
                 # costs a part and its merges, and their clients would wait for the next one)
                 if rows >= self._max_rows or self._stopping:
                     break
-                if not self._queue and self._coming() <= 0:
+                if not self._queue and (self._expecting is None or self._expecting() <= 0):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -575,10 +546,6 @@ class BatchWriter:
                     self._cond.wait(min(remaining, 0.01))
             self._queued_rows -= rows
             return batch
-
-    def _coming(self) -> int:
-        """Requests being processed whose rows are not queued yet (under ``_cond``)."""
-        return self._expected + (self._expecting() if self._expecting is not None else 0)
 
     def _run(self) -> None:
         while True:

@@ -93,6 +93,12 @@ class WriterStats:
     #: spooled blocks the store refuses for good, moved to the spool's ``rejected/``
     rejected_blocks: int = 0
     shed_requests: int = 0
+    #: batches of a chained table the store reported inserted but did not keep (chDB's
+    #: streaming insert drops a failure to write its part: a full disk); retried
+    lost_inserts: int = 0
+    #: inserts into an unchained table that left no new part: dropped as duplicates of an
+    #: earlier insert of the same token, or lost (the store cannot tell which)
+    unconfirmed_inserts: int = 0
     last_batch_rows: int = 0
     last_commit_seconds: float = 0.0
     #: time spent writing batches (their inserts or spooling), in total
@@ -409,7 +415,7 @@ class BatchWriter:
                 continue
             data = entry.read()
             try:
-                self._store.insert_arrow(entry.table, data, entry.token)
+                landed = self._store.insert_arrow(entry.table, data, entry.token)
             except PermanentError:
                 # acknowledged rows: never dropped; kept aside, so the rest can drain (a
                 # chained table's verify then reports the gap where they belong)
@@ -418,6 +424,8 @@ class BatchWriter:
                 _log.error("the store refuses a spooled block of %s for good; kept in %s",
                            entry.table, where)
                 continue
+            if landed is False and not chained:
+                self.stats.unconfirmed_inserts += 1
             if chained:
                 seq, _ = self._store.chain_head(entry.table, self.writer_id)
                 if seq < entry.last_seq:
@@ -654,8 +662,10 @@ class BatchWriter:
                 seq_head = new_states.get(name, (0, b""))
                 self._spool.append(name, spec.columns, data, token, *seq_head)
             else:
-                self._store.insert_arrow(name, data, token,
-                                         types=[c.type for c in spec.columns])
+                landed = self._store.insert_arrow(name, data, token,
+                                                  types=[c.type for c in spec.columns])
+                if landed is False:
+                    self._check_kept(name, spec, new_states.get(name))
                 if name in new_states:
                     self._note_stored(name, new_states[name][0])
             # committed: whatever happens to the batch's other tables, these rows are never
@@ -674,6 +684,26 @@ class BatchWriter:
         self.stats.busy_seconds += self.stats.last_commit_seconds
         if self._on_commit is not None:
             self._on_commit(self.stats.last_batch_rows)
+
+    def _check_kept(self, name: str, spec: TableSpec,
+                    state: tuple[int, bytes] | None) -> None:
+        """After an insert the store reported done but that left no new part (see
+        ``Store.insert_arrow``): a chained table's head says whether the batch is stored (an
+        earlier attempt of it was, and ClickHouse dropped this one as a duplicate) or lost,
+        and a lost batch is retried (the writer's usual retry: not acknowledged meanwhile;
+        spooled where there is a spool, whose drain checks the head as well). An unchained
+        table's insert cannot be told from a duplicate: it is counted."""
+        if not spec.chained or state is None:
+            self.stats.unconfirmed_inserts += 1
+            _log.warning("an insert into %s left no new part (a duplicate, or not stored)",
+                         name)
+            return
+        head, _ = self._store.chain_head(name, self.writer_id)
+        if head >= state[0]:
+            return
+        self.stats.lost_inserts += 1
+        _log.error("the store did not keep a batch of %s (is its disk full?); retrying", name)
+        raise StorageUnavailable("the store did not keep the batch")
 
     def _assemble(self, spec: TableSpec, parts: list[Rows]) -> pa.Table | None:
         """The parts (in batch order) as one Arrow table; None when there are no rows. Runs

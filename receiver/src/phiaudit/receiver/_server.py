@@ -222,6 +222,9 @@ class _Query:
         snap["writer_batches"] = stats.batches
         snap["writer_rows"] = sum(stats.rows.values())
         snap["writer_busy_ms"] = int(stats.busy_seconds * 1000)
+        # inserts the engine reported done without their parts (see Store.insert_arrow)
+        snap["writer_lost_inserts"] = stats.lost_inserts
+        snap["writer_unconfirmed_inserts"] = stats.unconfirmed_inserts
         return json.dumps(snap).encode()
 
 

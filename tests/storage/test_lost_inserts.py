@@ -136,3 +136,48 @@ def test_a_batch_over_a_month_boundary_expects_a_part_per_month() -> None:
     assert Store._partitions(times(end, start), "toDate(event_time)") == 2
     assert Store._partitions(times(end, start), "") == 1
     assert Store._partitions(times(end, start), "toYYYYMM(received_time)") == 1
+
+
+class _AnswerLost:
+    """A test double for what the embedded engine cannot do but a server connection can: the
+    first insert is written, then its answer is lost (the writer sees an error and retries).
+    Everything else, and the insert itself, is the real store's."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def insert_arrow(self, *args: Any, **kwargs: Any) -> bool:
+        landed = self._store.insert_arrow(*args, **kwargs)
+        if not self.lost:
+            self.lost += 1
+            from phiaudit.storage import StorageUnavailable
+
+            raise StorageUnavailable("the answer was lost (test double)")
+        return landed
+
+
+def test_a_retry_dropped_as_a_duplicate_of_a_stored_batch_is_acknowledged(
+        outage: tuple[Store, Path, float]) -> None:
+    """The retry of a batch whose first insert was stored leaves no new part (ClickHouse drops
+    it as a duplicate of its token): the batch's rows are in the store, so it is acknowledged,
+    stored once, and not counted as lost."""
+    store, data_dir, until = outage
+    time.sleep(max(0.0, until - time.time()))  # after the outage of the first test
+    from phiaudit.storage import KeyRing
+
+    encoder = RecordEncoder.for_ring(KeyRing.open(data_dir))
+    flaky = _AnswerLost(store)
+    w = BatchWriter(flaky, "w-dup", [SPEC], retry_backoff=(0.05, 0.5))
+    w.start()
+    try:
+        w.submit(b"request-dup", {"audit_events": _rows(encoder, 4, "dup")}).result(timeout=60)
+    finally:
+        assert w.shutdown()
+    assert flaky.lost == 1 and w.stats.insert_failures == 1
+    assert w.stats.lost_inserts == 0
+    _, got = store.query("SELECT seq FROM audit_events WHERE writer_id = 'w-dup' ORDER BY seq")
+    assert [r[0] for r in got] == [1, 2, 3, 4]

@@ -440,8 +440,6 @@ class Store:
             ints = pc.cast(col, pa.int64())
             bounds = pc.min_max(ints)
             lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
-            if lo is None:
-                return 1
             if lo is None or _period(lo, per_us, month) == _period(hi, per_us, month):
                 return 1
             return len({_period(v, per_us, month) for v in pc.unique(ints).to_pylist()})

@@ -665,7 +665,7 @@ class BatchWriter:
                 landed = self._store.insert_arrow(name, data, token,
                                                   types=[c.type for c in spec.columns])
                 if landed is False:
-                    self._check_kept(name, spec, new_states.get(name))
+                    self._check_kept(name, spec, new_states.get(name), data.num_rows)
                 if name in new_states:
                     self._note_stored(name, new_states[name][0])
             # committed: whatever happens to the batch's other tables, these rows are never
@@ -686,20 +686,26 @@ class BatchWriter:
             self._on_commit(self.stats.last_batch_rows)
 
     def _check_kept(self, name: str, spec: TableSpec,
-                    state: tuple[int, bytes] | None) -> None:
-        """After an insert the store reported done but that left no new part (see
-        ``Store.insert_arrow``): a chained table's head says whether the batch is stored (an
-        earlier attempt of it was, and ClickHouse dropped this one as a duplicate) or lost,
-        and a lost batch is retried (the writer's usual retry: not acknowledged meanwhile;
-        spooled where there is a spool, whose drain checks the head as well). An unchained
-        table's insert cannot be told from a duplicate: it is counted."""
+                    state: tuple[int, bytes] | None, n: int) -> None:
+        """After an insert of ``n`` rows the store reported done but that left a part
+        missing (see ``Store.insert_arrow``): a chained table's rows of this batch (its
+        sequence numbers, up to ``state``) say whether it is stored (an earlier attempt of it
+        was, and ClickHouse dropped this one as a duplicate) or not, wholly or partly (a batch
+        over a month boundary writes a part a month); one not stored is retried (the writer's
+        usual retry: not acknowledged meanwhile; spooled where there is a spool, whose drain
+        checks the chain's head). An unchained table's insert cannot be told from a
+        duplicate: it is counted."""
         if not spec.chained or state is None:
             self.stats.unconfirmed_inserts += 1
             _log.warning("an insert into %s left no new part (a duplicate, or not stored)",
                          name)
             return
-        head, _ = self._store.chain_head(name, self.writer_id)
-        if head >= state[0]:
+        last = state[0]
+        _, rows = self._store.query(
+            f"SELECT count() FROM {name} WHERE writer_id = {{w:String}} "
+            "AND seq BETWEEN {a:UInt64} AND {b:UInt64}",
+            {"w": self.writer_id, "a": last - n + 1, "b": last})
+        if int(rows[0][0]) >= n:
             return
         self.stats.lost_inserts += 1
         _log.error("the store did not keep a batch of %s (is its disk full?); retrying", name)

@@ -140,3 +140,32 @@ def test_keys_status_and_rotation_keep_old_rows_readable(tmp_path: Path) -> None
     assert [r["patient_id"] for r in rows] == ["before-0", "before-1", "after-0", "after-1"]
     assert rows[0]["key_id"] != rows[2]["key_id"]
     assert rows[0]["key_id"] == rows[1]["key_id"] and rows[2]["key_id"] == rows[3]["key_id"]
+
+
+def test_a_legal_hold_the_engine_drops_is_an_error_not_a_hold_id(tmp_path: Path) -> None:
+    """The embedded engine's insert can return without an error and keep nothing (a full
+    disk; here a CHECK constraint, added by the administrator engine, refuses one reason):
+    `retention hold` must then fail, not print a hold id that no purge will ever see."""
+    svc = start_service(tmp_path / "data")
+    admin = svc.admin_token
+    assert svc.stop() == 0
+    data = svc.data_dir
+    code = textwrap.dedent(f"""
+        from phiaudit.storage import admin_client
+        c = admin_client("{data}")
+        c.command("ALTER TABLE phiaudit.legal_holds ADD CONSTRAINT lost "
+                  "CHECK reason != 'dropped by the engine'")
+        c.close()
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+    lost = _retention(data, admin, "hold", "--from", "2018-01-01", "--to", "2018-12-31",
+                      "--reason", "dropped by the engine")
+    assert lost.returncode == 1, lost.stdout + lost.stderr
+    assert "did not keep the legal hold" in lost.stderr and not lost.stdout.strip()
+    kept = _retention(data, admin, "hold", "--from", "2018-01-01", "--to", "2018-12-31",
+                      "--reason", "case 2026-115")
+    assert kept.returncode == 0, kept.stderr
+    report = _retention(data, admin)
+    assert f"legal hold {kept.stdout.strip()}" in report.stdout
+    assert "dropped by the engine" not in report.stdout

@@ -19,7 +19,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from phiaudit.storage import AccessDenied, AccessRecord, AuditEvent, Credentials, KeyRing
+from phiaudit.storage import (
+    AccessDenied,
+    AccessRecord,
+    AuditEvent,
+    Credentials,
+    KeyRing,
+    StorageUnavailable,
+)
 from phiaudit.storage._retention import (
     HOLD_COLUMNS as _HOLD_COLUMNS,
 )
@@ -131,10 +138,13 @@ def _report(local: Any, who: Any) -> int:
 def _append_hold(local: Any, hold_id: str, action: str, start: _dt.datetime,
                  end: _dt.datetime, reason: str, principal: str) -> None:
     now = time.time_ns() // 1000
-    local.store.insert_rows(
+    kept = local.store.insert_rows(
         "legal_holds", _HOLD_COLUMNS,
         [[hold_id, action, int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), reason,
           principal, now]], f"hold:{hold_id}:{action}:{now}")
+    if not kept:  # its token has the time in it: never a duplicate, so the row is lost
+        raise StorageUnavailable(f"the store did not keep the legal hold's {action} (is its "
+                                 "disk full?): nothing was recorded")
 
 
 def _hold(local: Any, who: Any, args: argparse.Namespace) -> int:

@@ -363,13 +363,13 @@ class Store:
         ``types``, the ClickHouse types of its columns, lets the embedded store send it in
         the Native format (``block_encoder``).
 
-        Returns whether the insert is known to have written its rows. False only from the
-        embedded engine, whose streaming insert returns without an error when the part it
-        writes fails (a full disk, a violated constraint: measured with chdb-core 26.9,
-        bench/README.md session 9): no new part for every partition of ``data``. That is
-        also what an insert ClickHouse dropped as a duplicate of its ``token`` looks like,
-        so the caller decides, knowing whether the rows may be stored already (a chained
-        table's head says it exactly)."""
+        Returns False when the insert may not have written its rows: only from the embedded
+        engine, whose streaming insert returns without an error when the part it writes
+        fails (a full disk, a violated constraint: measured with chdb-core 26.9,
+        bench/README.md session 9), seen as no new part for every partition of ``data``.
+        An insert ClickHouse dropped as a duplicate of its ``token`` looks the same there
+        (a server answers True for it), so the caller decides, knowing whether the rows may
+        be stored already (``chain_rows`` says it exactly for a chained table)."""
         if self._engine is not None:
             return self._stream_insert(table, data, token, types)
         settings = {"insert_deduplication_token": token, "async_insert": 0}
@@ -410,7 +410,7 @@ class Store:
             for name in names:
                 bits = name.split("_")
                 if len(bits) == 4 and bits[3] == "0" and bits[1].isdigit() and \
-                        bits[2].isdigit() and not name.startswith(("tmp", "delete")):
+                        bits[2].isdigit():
                     out.add(name)
         return out
 
@@ -557,6 +557,15 @@ class Store:
             return 0, b"\x00" * 32
         seq, head = rows[0]
         return int(seq), bytes(head)
+
+    def chain_rows(self, table: str, writer_id: str, first: int, last: int) -> int:
+        """How many of ``writer_id``'s rows ``first``..``last`` are in ``table`` (a
+        primary-key range: one query)."""
+        _, rows = self.query(
+            f"SELECT count() FROM {table} WHERE writer_id = {{w:String}} "
+            "AND seq BETWEEN {a:UInt64} AND {b:UInt64}",
+            {"w": writer_id, "a": first, "b": last})
+        return int(rows[0][0])
 
     def close(self) -> None:
         if self._closed:

@@ -427,15 +427,19 @@ class BatchWriter:
             if landed is False and not chained:
                 self.stats.unconfirmed_inserts += 1
             if chained:
-                seq, _ = self._store.chain_head(entry.table, self.writer_id)
-                if seq < entry.last_seq:
-                    _log.warning("the store dropped a spooled block as a duplicate of one "
-                                 "it does not hold; inserting it again")
+                # the block's own rows, not the chain's head: a block over a month boundary
+                # is one part a month, and the later month's part alone is not the block
+                first, n = entry.last_seq - data.num_rows + 1, data.num_rows
+                if self._store.chain_rows(entry.table, self.writer_id, first,
+                                          entry.last_seq) < n:
+                    _log.warning("the store did not keep a spooled block (dropped as a "
+                                 "duplicate of one it does not hold, or not written); "
+                                 "inserting it again")
                     self._store.insert_arrow(entry.table, data,
                                              f"{entry.token}:{uuid.uuid4().hex}")
                     self.stats.reinserted_blocks += 1
-                    seq, _ = self._store.chain_head(entry.table, self.writer_id)
-                    if seq < entry.last_seq:
+                    if self._store.chain_rows(entry.table, self.writer_id, first,
+                                              entry.last_seq) < n:
                         raise StorageUnavailable("a spooled block is not in the store after "
                                                  "its insert")
                 stored[entry.table] = entry.last_seq
@@ -665,7 +669,7 @@ class BatchWriter:
                 landed = self._store.insert_arrow(name, data, token,
                                                   types=[c.type for c in spec.columns])
                 if landed is False:
-                    self._check_kept(name, spec, new_states.get(name), data.num_rows)
+                    self._check_kept(name, new_states.get(name, (None,))[0], data.num_rows)
                 if name in new_states:
                     self._note_stored(name, new_states[name][0])
             # committed: whatever happens to the batch's other tables, these rows are never
@@ -685,27 +689,20 @@ class BatchWriter:
         if self._on_commit is not None:
             self._on_commit(self.stats.last_batch_rows)
 
-    def _check_kept(self, name: str, spec: TableSpec,
-                    state: tuple[int, bytes] | None, n: int) -> None:
+    def _check_kept(self, name: str, last: int | None, n: int) -> None:
         """After an insert of ``n`` rows the store reported done but that left a part
         missing (see ``Store.insert_arrow``): a chained table's rows of this batch (its
-        sequence numbers, up to ``state``) say whether it is stored (an earlier attempt of it
+        sequence numbers, up to ``last``) say whether it is stored (an earlier attempt of it
         was, and ClickHouse dropped this one as a duplicate) or not, wholly or partly (a batch
         over a month boundary writes a part a month); one not stored is retried (the writer's
-        usual retry: not acknowledged meanwhile; spooled where there is a spool, whose drain
-        checks the chain's head). An unchained table's insert cannot be told from a
-        duplicate: it is counted."""
-        if not spec.chained or state is None:
+        usual retry: not acknowledged meanwhile; spooled where there is a spool). An
+        unchained table's insert (``last`` None) cannot be told from a duplicate: counted."""
+        if last is None:
             self.stats.unconfirmed_inserts += 1
             _log.warning("an insert into %s left no new part (a duplicate, or not stored)",
                          name)
             return
-        last = state[0]
-        _, rows = self._store.query(
-            f"SELECT count() FROM {name} WHERE writer_id = {{w:String}} "
-            "AND seq BETWEEN {a:UInt64} AND {b:UInt64}",
-            {"w": self.writer_id, "a": last - n + 1, "b": last})
-        if int(rows[0][0]) >= n:
+        if self._store.chain_rows(name, self.writer_id, last - n + 1, last) >= n:
             return
         self.stats.lost_inserts += 1
         _log.error("the store did not keep a batch of %s (is its disk full?); retrying", name)

@@ -37,6 +37,7 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
     for name, engine in rows:
         assert "merge_selector_base = 64" in engine, name
         assert "min_bytes_for_wide_part = 268435456" in engine, name
+        assert "max_parts_to_merge_at_once = 16" in engine, name
         assert "non_replicated_deduplication_window = 10000" in engine, name
     # stores made before the tuning get it by ALTER (``_tuning_statements``): that list must
     # name every table, or a table added later would keep LZ4 and the old merges on upgrade

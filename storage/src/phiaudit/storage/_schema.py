@@ -284,8 +284,14 @@ def _cols(columns: list[Column]) -> str:
 #: audit table is written far more than it is read): ~10% less of the service's CPU per span
 #: than base 16 at bench/receiver.py's load, for more parts waiting to merge (18 against 10
 #: after a 25 s run; queries measured the same); compact parts up to 256 MiB: cheaper small
-#: parts and merges, and less memory
-_MERGE_TUNING = "merge_selector_base = 64, min_bytes_for_wide_part = 268435456"
+#: parts and merges, and less memory. At most 16 parts a merge (default 100): merging into a
+#: compact part is always horizontal, and its memory grows with the rows merged (30 parts of
+#: 3,000 audit rows: 120 MiB; 10 such parts: 57 MiB; bench/README.md, session 10); with the
+#: group commit's ~3,000-row parts and base 64 the engine merged 20-31 at once, two merges at a
+#: time, and the service's peak RSS passed 1 GiB at ~90k spans/s. Measured at that load: peak
+#: RSS 970-983 MiB against 1,035-1,082, the same CPU per span
+_MERGE_TUNING = ("merge_selector_base = 64, min_bytes_for_wide_part = 268435456, "
+                 "max_parts_to_merge_at_once = 16")
 _BASE_SETTINGS = ("SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192, "
                   + _MERGE_TUNING)
 

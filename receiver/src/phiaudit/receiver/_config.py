@@ -49,6 +49,9 @@ class ServiceConfig:
     #: the GIL): -1 is one more than the cores, so that a core whose thread waits for the GIL
     #: has another to run (measured: 3 beat 2 and 4 on 2 cores)
     extract_threads: int = -1
+    #: above this resident memory (MiB) the service gives the memory its allocators hold
+    #: freed back to the system (receiver/_memory.py); 0: never
+    memory_release_mb: int = 768
     #: audit spans through the compiled extractor (_native.c) where it is built; false: all
     #: in Python (the reference mapping; slower)
     native_extractor: bool = True
@@ -157,6 +160,9 @@ class ServiceConfig:
             errors.append("max_rows_per_request: must be an integer >= 1")
         if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:
             errors.append("max_message_bytes: at most 1 GiB")
+        if not isinstance(self.memory_release_mb, int) or isinstance(self.memory_release_mb, bool) \
+                or not 0 <= self.memory_release_mb <= 1 << 20:
+            errors.append("memory_release_mb: an integer from 0 (never) to 1048576")
         for key in ("checkpoint_interval_ms", "checkpoint_events", "checkpoint_heartbeat_ms"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

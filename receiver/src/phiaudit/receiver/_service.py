@@ -55,6 +55,7 @@ from ._config import ServiceConfig
 from ._extract import Extractor
 from ._fast import native_block_encoder, native_linker
 from ._infra import InfraConfig
+from ._memory import MemoryGuard
 from ._metrics import Metrics
 from ._process import Processed, RequestProcessor, init_worker, native_for, work
 from ._rules_service import RuleScheduler
@@ -174,6 +175,7 @@ class Service:
                                            thread_name_prefix="phiaudit-extract")
         self._checkpointer: Checkpointer | None = None
         self._rules: RuleScheduler | None = None
+        self._memory: MemoryGuard | None = None
         self._stopped = False
         self.port = 0
 
@@ -262,6 +264,11 @@ class Service:
         self._checkpointer.start()
         self._rules = RuleScheduler(cfg, local)  # after the writer; runs rules, sends alerts
         self._rules.start()
+        # a test's store wrapper may not have it: nothing to release then
+        release = getattr(local.store, "release_memory", lambda: False)
+        self._memory = MemoryGuard(cfg.memory_release_mb << 20, release,
+                                   count=lambda: self.metrics.inc("memory_releases"))
+        self._memory.start()
         await asyncio.get_running_loop().run_in_executor(None, self._start_workers)
         if local.admin_token_file:
             _log.warning("created the initial security credential in %s (mode 0600)",
@@ -307,6 +314,8 @@ class Service:
             await asyncio.get_running_loop().run_in_executor(None, self._rules.shutdown)
         if self._checkpointer is not None:  # before the writer: a last checkpoint
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.shutdown)
+        if self._memory is not None:
+            self._memory.stop()
         if self._local is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._local.close)
             stats = self._local.writer.stats

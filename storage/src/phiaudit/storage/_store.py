@@ -70,6 +70,8 @@ _USERS_XML = """<clickhouse>
       <access_management>0</access_management>
       <grants>
         <query>GRANT SELECT, INSERT ON {db}.*</query>
+        <!-- SYSTEM JEMALLOC PURGE only touches the allocator: Store.release_memory -->
+        <query>GRANT SYSTEM JEMALLOC ON *.*</query>
       </grants>
     </default>
   </users>
@@ -566,6 +568,19 @@ class Store:
             "AND seq BETWEEN {a:UInt64} AND {b:UInt64}",
             {"w": writer_id, "a": first, "b": last})
         return int(rows[0][0])
+
+    def release_memory(self) -> bool:
+        """Give the memory the embedded engine's allocator holds freed back to the system
+        (jemalloc keeps freed pages up to 5 s, ~100-290 MiB at full speed; measured in
+        bench/README.md, session 10). True when done; a server's memory is its own (False)."""
+        if not self.location.embedded:
+            return False
+        try:
+            with self._lock:
+                self._client.command("SYSTEM JEMALLOC PURGE")
+        except Exception as exc:
+            raise _map_error(exc, "release memory") from exc
+        return True
 
     def close(self) -> None:
         if self._closed:

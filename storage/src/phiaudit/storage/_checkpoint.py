@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ._crypto import _write_private, key_wrapper, unwrap_or_fail
-from ._errors import ConfigError, IntegrityError
+from ._errors import ConfigError, IntegrityError, StorageUnavailable
 from ._schema import CHECKPOINT_COLUMNS
 
 __all__ = [
@@ -316,7 +316,16 @@ def store_checkpoint(store: Any, cp: Checkpoint) -> None:
     row = [cp.origin, cp.writer_id, cp.tree_size, cp.root_hash, cp.time_us, cp.key_id,
            cp.signature]
     token = "checkpoint:" + hashlib.sha256(cp.note().encode()).hexdigest()
-    store.insert_rows("checkpoints", CHECKPOINT_COLUMNS, [row], token)
+    if store.insert_rows("checkpoints", CHECKPOINT_COLUMNS, [row], token):
+        return
+    # the engine kept no part for it: this very checkpoint stored before (a duplicate), or the
+    # row lost (chDB's streaming insert does not report a failed part write)
+    _, found = store.query(
+        "SELECT count() FROM checkpoints WHERE writer_id = {w:String} AND origin = {o:String} "
+        "AND tree_size = {n:UInt64} AND toUnixTimestamp64Micro(time) = {t:Int64}",
+        {"w": cp.writer_id, "o": cp.origin, "n": cp.tree_size, "t": cp.time_us})
+    if not found or not int(found[0][0]):
+        raise StorageUnavailable("the store did not keep the checkpoint row: retried later")
 
 
 def load_checkpoints(store: Any) -> list[Checkpoint]:

@@ -389,8 +389,8 @@ class Store:
         got = self._layouts.get(table)
         if got is None:
             assert self._engine is not None
-            if not self.database.replace("_", "").isalnum():
-                raise ValueError("database name must be alphanumeric")
+            if not (self.database + table).replace("_", "").isalnum():
+                raise ValueError("database and table names must be alphanumeric")
             raw = self._engine.query(
                 "SELECT data_paths, partition_key FROM system.tables "
                 f"WHERE database = '{self.database}' AND name = '{table}'",

@@ -107,8 +107,10 @@ def _kv(key: str, value: Any) -> Any:
     return c.KeyValue(key=key, value=av)
 
 
-def _template(rng: random.Random, spans: int, seq: int) -> tuple[bytes, list[bytes], list[bytes]]:
-    """One serialized request; returns (bytes, the trace ids, the span ids) it contains."""
+def _template(rng: random.Random, spans: int, seq: int
+              ) -> tuple[bytes, list[bytes], list[bytes], int]:
+    """One serialized request; returns (bytes, the trace ids, the span ids it contains, the
+    clock reading its span times are relative to)."""
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
     from opentelemetry.proto.trace.v1 import trace_pb2 as tr
 
@@ -173,7 +175,7 @@ def _template(rng: random.Random, spans: int, seq: int) -> tuple[bytes, list[byt
         span.attributes.extend(_kv(k, v) for k, v in attrs)
         if failed:
             span.status.code = tr.Status.STATUS_CODE_ERROR
-    return req.SerializeToString(), trace_ids, span_ids
+    return req.SerializeToString(), trace_ids, span_ids, now
 
 
 class RequestFactory:
@@ -182,14 +184,32 @@ class RequestFactory:
     Trace, span and parent-span ids are fixed-width ``bytes`` fields, so each new request is the
     template with fresh random bytes at every id position: byte-identical to what protobuf
     would serialize for those ids, at a tiny fraction of the cost.
+
+    Span start and end times are ``fixed64`` fields, rewritten the same way by :meth:`stamp`
+    when a request is sent, so the spans of a long run are spread over it as a real
+    application's are (the rule engine's windows then hold a window's worth of events, not
+    everything sent since the start).
     """
 
     def __init__(self, spans: int, templates: int = 8, seed: int = 20240601) -> None:
         rng = random.Random(seed)
         self.spans = spans
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+
         self._tpl: list[tuple[np.ndarray, list[np.ndarray], np.ndarray]] = []
+        self._times: list[tuple[np.ndarray, int]] = []
         for t in range(templates):
-            raw, trace_ids, span_ids = _template(rng, spans, t)
+            raw, trace_ids, span_ids, base_ns = _template(rng, spans, t)
+            # the byte positions of every span's start (field 7) and end (field 8) time
+            tpos = []
+            req = ts.ExportTraceServiceRequest.FromString(raw)
+            for span in (s for r in req.resource_spans for sc in r.scope_spans for s in sc.spans):
+                for tag, value in ((0x39, span.start_time_unix_nano),
+                                   (0x41, span.end_time_unix_nano)):
+                    at = raw.find(bytes([tag]) + value.to_bytes(8, "little"))
+                    assert at >= 0, "span time not found in its template"
+                    tpos.append(at + 1)
+            self._times.append((np.array(tpos, dtype=np.int64)[:, None] + np.arange(8), base_ns))
             pos_all: list[tuple[int, int, int]] = []
             slot = 0
             for ident in trace_ids + span_ids:
@@ -211,13 +231,27 @@ class RequestFactory:
         self._lock = threading.Lock()
 
     def make(self) -> bytes:
+        return self.make_item()[1]
+
+    def make_item(self) -> tuple[int, bytes]:
+        """A new request and the template it was made from (for :meth:`stamp`)."""
         with self._lock:
-            base, groups, nslots = self._tpl[self._n % len(self._tpl)]
+            k = self._n % len(self._tpl)
             self._n += 1
-            fresh = self._np.integers(0, 256, size=(int(nslots), 16), dtype=np.uint8)
-        buf = base.copy()
-        for pos, slots, width in groups:
+            fresh = self._np.integers(0, 256, size=(int(self._tpl[k][2]), 16), dtype=np.uint8)
+        buf = self._tpl[k][0].copy()
+        for pos, slots, width in self._tpl[k][1]:
             buf[pos] = fresh[slots, :width]
+        return k, buf.tobytes()
+
+    def stamp(self, k: int, raw: bytes, now_ns: int) -> bytes:
+        """``raw`` (made from template ``k``) with its span times moved to end near ``now_ns``,
+        as they were relative to the template's making."""
+        pos, base_ns = self._times[k]
+        buf = np.frombuffer(raw, dtype=np.uint8).copy()
+        times = buf[pos].view("<u8")  # (spans * 2, 1): a copy of the times, little-endian
+        times += np.uint64(max(0, now_ns - base_ns))
+        buf[pos] = times.view(np.uint8).reshape(pos.shape)
         return buf.tobytes()
 
 
@@ -231,6 +265,21 @@ def _check_factory(factory: RequestFactory) -> None:
     assert len({s.span_id for s in spans}) == len(spans), "span ids must be unique"
     assert all(s.parent_span_id in {x.span_id for x in spans} | {b""} for s in spans)
     assert a != b
+    # stamping moves every span time by the same amount and changes nothing else
+    k, c = factory.make_item()
+    later = time.time_ns() + 3600 * 10**9
+    moved = ts.ExportTraceServiceRequest.FromString(factory.stamp(k, c, later))
+    orig = ts.ExportTraceServiceRequest.FromString(c)
+    shifts = set()
+    for r_orig, r_moved in zip(orig.resource_spans, moved.resource_spans, strict=True):
+        for s_orig, s_moved in zip(r_orig.scope_spans[0].spans, r_moved.scope_spans[0].spans,
+                                   strict=True):
+            shifts.add(s_moved.start_time_unix_nano - s_orig.start_time_unix_nano)
+            shifts.add(s_moved.end_time_unix_nano - s_orig.end_time_unix_nano)
+            s_moved.start_time_unix_nano = s_orig.start_time_unix_nano
+            s_moved.end_time_unix_nano = s_orig.end_time_unix_nano
+    assert len(shifts) == 1 and 3500 * 10**9 < shifts.pop() < 3700 * 10**9
+    assert moved == orig
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,11 +391,12 @@ class Load:
 
 
 class Pool:
-    """Pre-serialized requests handed out once each; made on demand if it runs dry."""
+    """Pre-serialized requests handed out once each, their span times set as they are handed
+    out; made on demand if it runs dry."""
 
     def __init__(self, factory: RequestFactory, count: int) -> None:
         self._factory = factory
-        self._items = [factory.make() for _ in range(count)]
+        self._items = [factory.make_item() for _ in range(count)]
         self._i = 0
         self._lock = threading.Lock()
         self.made_during_run = 0
@@ -357,16 +407,19 @@ class Pool:
     def take(self) -> bytes:
         with self._lock:
             if self._i < len(self._items):
-                item = self._items[self._i]
-                self._items[self._i] = b""  # release memory as we go
+                k, raw = self._items[self._i]
+                self._items[self._i] = (0, b"")  # release memory as we go
                 self._i += 1
-                return item
-            self.made_during_run += 1
-        return self._factory.make()
+            else:
+                self.made_during_run += 1
+                raw = b""
+        if not raw:
+            k, raw = self._factory.make_item()
+        return self._factory.stamp(k, raw, time.time_ns())
 
     def sample(self, n: int) -> list[bytes]:
         with self._lock:
-            return [b for b in self._items[-n:] if b]
+            return [b for _, b in self._items[-n:] if b]
 
 
 def _retry_delay(exc: Any) -> float:

@@ -12,6 +12,7 @@ __all__ = [
     "AccessDenied",
     "ConfigError",
     "IntegrityError",
+    "MemoryLimitExceeded",
     "PermanentError",
     "PhiAuditError",
     "StorageUnavailable",
@@ -36,6 +37,11 @@ class AccessDenied(PhiAuditError):
 
 class StorageUnavailable(PhiAuditError):
     """The store cannot take or serve data right now. Retryable."""
+
+
+class MemoryLimitExceeded(StorageUnavailable):
+    """A query needed more memory than it may use (``max_memory_usage``, or the engine's own
+    limit). Retryable as a whole; a query that always needs more must be made smaller."""
 
 
 class PermanentError(PhiAuditError):

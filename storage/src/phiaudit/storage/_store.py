@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
 
-from ._errors import ConfigError, PermanentError, StorageUnavailable
+from ._errors import ConfigError, MemoryLimitExceeded, PermanentError, StorageUnavailable
 from ._schema import SCHEMA_VERSION, Column, migration_statements
 
 __all__ = [
@@ -213,6 +213,8 @@ def _map_error(exc: BaseException, what: str) -> Exception:
                  "3", "74", "75", "76", "236", "394"}
     if code and code not in transient:
         return PermanentError(f"{what}: {label}")
+    if code == "241":
+        return MemoryLimitExceeded(f"{what}: {label}: it needs more memory than it may use")
     return StorageUnavailable(f"{what}: {label}")
 
 
@@ -576,8 +578,15 @@ class Store:
         if not self.location.embedded:
             return False
         try:
-            with self._lock:
-                self._client.command("SYSTEM JEMALLOC PURGE")
+            if self._engine is not None:
+                # through the inserts' handle: a rule or staff query can hold the query lock
+                # for seconds, the very time its freed pages pile up (measured: 124 MiB of
+                # them while a rule run kept the guard waiting; bench/README.md, session 11)
+                with self._insert_lock:
+                    self._engine.query("SYSTEM JEMALLOC PURGE")
+            else:
+                with self._lock:
+                    self._client.command("SYSTEM JEMALLOC PURGE")
         except Exception as exc:
             raise _map_error(exc, "release memory") from exc
         return True

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._credentials import ROLES, Credentials, Principal
-from ._errors import AccessDenied, IntegrityError, PhiAuditError
+from ._errors import (
+    AccessDenied,
+    IntegrityError,
+    MemoryLimitExceeded,
+    PermanentError,
+    PhiAuditError,
+)
 from ._records import AccessRecord, RecordEncoder
 from ._schema import ENCRYPTED_COLUMNS
 
@@ -94,6 +100,7 @@ class QueryGateway:
         *,
         max_rows: int = 100_000,
         max_seconds: int = 120,
+        max_memory_bytes: int = 0,
     ) -> None:
         self._store = store
         self._encoder = encoder
@@ -101,6 +108,9 @@ class QueryGateway:
         self._record = record_access
         self._max_rows = max_rows
         self._max_seconds = max_seconds
+        #: the engine is shared with the ingestion: one query may not take the memory the
+        #: audit trail needs (0: no limit)
+        self._max_memory = max_memory_bytes
         self.integrity_failures = 0
 
     def run(self, token: str | None, sql: str, *, decrypt: bool = False,
@@ -141,7 +151,18 @@ class QueryGateway:
             "readonly": 1, "max_result_rows": self._max_rows, "result_overflow_mode": "throw",
             "max_execution_time": self._max_seconds,
         }
-        columns, rows = self._store.query(statement, settings=settings, binary=True)
+        if self._max_memory:
+            settings["max_memory_usage"] = self._max_memory
+        try:
+            columns, rows = self._store.query(statement, settings=settings, binary=True)
+        except MemoryLimitExceeded as exc:
+            if not self._max_memory:
+                raise
+            # the same statement would need the same memory again: not worth a retry
+            raise PermanentError(
+                f"the query needs more than the {self._max_memory >> 20} MiB of memory a query "
+                "may use in the service (query_memory_mb): narrow it (fewer rows, columns or "
+                "groups)") from exc
         enc_positions = [i for i, c in enumerate(columns) if c in _ENCRYPTED]
         id_pos = columns.index("event_id") if "event_id" in columns else None
         hex_positions = [i for i, c in enumerate(columns) if c in _HEX_COLUMNS]

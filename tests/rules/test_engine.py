@@ -499,3 +499,121 @@ def test_a_failing_rule_does_not_stop_the_others(env: Env, base: int) -> None:
         "SELECT toUnixTimestamp64Micro(max(window_to)) FROM rule_runs WHERE rule_id = {r:String}",
         {"r": broken.id})
     assert rows[0][0] == base + HOUR - MIN  # its watermark did not move: retried next time
+
+
+# -- the memory a rule query may use -----------------------------------------------------------
+
+def _rows(env: Env, r: Rule, start: int, end: int, shard: tuple[int, int] = (0, 1),
+          ) -> list[tuple[Any, ...]]:
+    from phiaudit.rules import compile_rule
+
+    compiled = compile_rule(r, start, end, materialize=False, shard=shard)
+    return env.store.query(compiled.sql, compiled.params)[1]
+
+
+def _key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(tuple(sorted(map(str, v))) if isinstance(v, list) else v for v in row)
+
+
+def test_shards_together_are_the_whole_query(env: Env, base: int) -> None:
+    # every correlation counts within a group: the shards of the groups give exactly the rows
+    # of the whole query, whatever the correlation (02:00 on a Monday: off hours too)
+    t = base + 2 * HOUR
+    actors = [f"shard-{i}-{uid()}" for i in range(24)]
+    env.write([audit(t + (i * 7 + j) * S, actor=a, patient=f"pat-s{j}", outcome=outcome,
+                     action="login" if outcome == "failure" else "read")
+               for i, a in enumerate(actors) for j in range(3 + i % 5)
+               for outcome in ("success", "failure")])
+    for r in (rule("bulk-access", threshold=4), rule("failed-auth-user"),
+              rule("no-care-relationship"), rule("off-hours")):
+        whole = sorted(map(_key, _rows(env, r, base, base + DAY)))
+        assert whole, r.id
+        for n in (2, 4, 16):
+            parts = [_rows(env, r, base, base + DAY, (i, n)) for i in range(n)]
+            assert sorted(_key(x) for p in parts for x in p) == whole, (r.id, n)
+        assert sum(1 for p in parts if p) > 1  # the groups did spread over the shards
+
+
+def test_a_rule_without_groups_is_not_sharded() -> None:
+    from phiaudit.rules import compile_rule, parse_rule
+
+    r = parse_rule({"id": "ungrouped", "title": "t", "source": "audit_events",
+                    "detection": {"s": {"action": "export"}, "condition": "s"},
+                    "correlation": {"type": "none"}, "summary": "x"})
+    assert compile_rule(r, 0, 60 * S).sql
+    for shard in ((0, 2), (1, 1), (-1, 4)):
+        with pytest.raises(ValueError, match="shard"):
+            compile_rule(r, 0, 60 * S, shard=shard)
+
+
+def _need(env: Env, r: Rule, start: int, end: int, shard: tuple[int, int] = (0, 1)) -> int:
+    """The least memory limit (to 1 MiB) the rule's query runs within, found by bisection."""
+    from phiaudit.rules import compile_rule
+    from phiaudit.storage import MemoryLimitExceeded
+
+    compiled = compile_rule(r, start, end, materialize=False, shard=shard)
+    lo, hi = 0, 1 << 30
+    while hi - lo > 1 << 20:
+        mid = (lo + hi) // 2
+        try:
+            env.store.query(compiled.sql, compiled.params, settings={"max_memory_usage": mid})
+            hi = mid
+        except MemoryLimitExceeded:
+            lo = mid
+    return hi
+
+
+def test_a_query_over_its_memory_is_split_and_raises_the_same_alerts(
+        env: Env, base: int) -> None:
+    # 60 users reading 2,000 or 1,000 patients each in an hour: the distinct (user, patient)
+    # pairs make the query's memory, and a shard of the users holds about a quarter of them
+    # (beside what every query needs: measured 38 MiB whole, 22 the largest quarter)
+    r = rule("bulk-access", threshold=1500)
+    t = base + 10 * HOUR
+    tag = uid()
+    for a in range(60):
+        env.write([audit(t + (a * 7 + j) * 1000, actor=f"mem-{a}-{tag}", patient=f"pat-{j}")
+                   for j in range(2000 - (a % 2) * 1000)])  # half of them above the threshold
+    whole = _need(env, r, base, base + DAY)
+    quarter = max(_need(env, r, base, base + DAY, (i, 4)) for i in range(4))
+    assert quarter + (6 << 20) <= whole, (quarter >> 20, whole >> 20)  # MiB
+    expected = env.engine([r]).evaluate(r, base, base + DAY)  # no limit: one query
+    assert len(expected) == 30
+    limit = (quarter + whole) // 2
+    eng = RuleEngine(env.store, env.submit, env.encoder, [r], max_query_bytes=limit)
+    alerts = eng.backfill(base, base + DAY)
+    assert eng.stats.splits == 1 and eng._shards == {r.id: 4} and eng.stats.failures == 0
+    assert sorted((a.group_key, a.value, a.evidence_count) for a in alerts) == sorted(
+        (a.group_key, a.value, a.evidence_count) for a in expected)
+    # the next run of that rule starts from the shards that fitted: no failed query first
+    later = base + 2 * DAY
+    env.write([audit(later + 10 * HOUR + j * 500_000, actor=f"mem-x-{tag}", patient=f"pat-{j}")
+               for j in range(1600)])
+    again = eng.backfill(later, later + DAY)
+    assert len(again) == 1 and again[0].value >= 1500
+    assert eng.stats.splits == 1 and eng._shards == {r.id: 4}
+
+
+def test_a_rule_that_does_not_fit_in_its_shards_fails_alone(env: Env, base: int) -> None:
+    # a limit below what every shard needs: after the most shards it may use, the rule fails
+    # like a broken rule (logged, counted, its watermark not moved: retried next run), and
+    # the other rules' alerts are raised
+    big, small = rule("bulk-access", threshold=1500), rule("break-glass")
+    t = base + 10 * HOUR
+    tag = uid()
+    for a in range(60):
+        env.write([audit(t + (a * 7 + j) * 1000, actor=f"fit-{a}-{tag}", patient=f"pat-{j}")
+                   for j in range(2000)])
+    env.write([audit(t, action="break_glass", actor="bg-" + tag)])
+    least = min(_need(env, big, t - MIN, t + HOUR, (i, 4)) for i in range(4))
+    eng = RuleEngine(env.store, env.submit, env.encoder, [big, small],
+                     RulesConfig.from_mapping({"lateness_s": 0}), max_query_bytes=least // 2)
+    eng.max_shards = 4
+    eng.run_due(t - MIN)
+    alerts = eng.run_due(t + HOUR)
+    assert [a.rule_id for a in alerts] == [small.id]
+    assert eng.stats.failures == 1 and eng.stats.splits == 1 and eng._shards == {big.id: 4}
+    _, rows = env.store.query(
+        "SELECT toUnixTimestamp64Micro(max(window_to)) FROM rule_runs WHERE rule_id = {r:String}",
+        {"r": big.id})
+    assert rows[0][0] == t - MIN  # its watermark did not move: retried next time

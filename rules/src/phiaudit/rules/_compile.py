@@ -185,11 +185,20 @@ def _micro(bind_name: str) -> str:
 
 
 def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 60,
-                 materialize: bool = True) -> Compiled:
+                 materialize: bool = True, shard: tuple[int, int] = (0, 1)) -> Compiled:
     """One SELECT returning the candidate alerts of every window of ``rule`` that ends in
     ``(window_from_us, window_to_us]`` on the step grid. ``materialize``: the filtered events
     are read once (``WITH ... AS MATERIALIZED``, ClickHouse 26.x; the engine checks the
-    server has it), else once per use."""
+    server has it), else once per use.
+
+    ``shard=(i, n)``: only the groups (``group-by`` values) whose hash is ``i`` modulo ``n``.
+    Every correlation counts within a group, so the ``n`` shards' candidates together are
+    exactly the whole query's, each shard holding about 1/n of its memory (the rule engine
+    splits a query that needs more than it may use). A rule without ``group-by`` is one
+    shard."""
+    shard_i, shards = shard
+    if not (0 <= shard_i < shards) or (shards > 1 and not rule.correlation.group_by):
+        raise ValueError("shard: (i, n) with 0 <= i < n, and n = 1 for a rule without group-by")
     step, span = effective_grid(rule, step_s)
     step_us, span_us = step * 1_000_000, span * 1_000_000
     k_lo = window_from_us // step_us + 1
@@ -223,8 +232,12 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     needed = [f"{t} AS t", f"{src.id_column} AS id", trace_col, *gsel]
     if c.field:
         needed.append(f"{c.field} AS f")
+    sharded = ""
+    if shards > 1:
+        sharded = (f" AND cityHash64({', '.join(group)}) % {bind(shards, 'UInt64')} "
+                   f"= {bind(shard_i, 'UInt64')}")
     base = _Base(f"SELECT {', '.join(needed)}{_EXTRA} FROM {src.table} "
-                 f"WHERE {time_filter} AND {detection}")
+                 f"WHERE {time_filter}{sharded} AND {detection}")
 
     if c.type == "none":
         value = "toUInt64(f)" if c.field else "toUInt64(1)"

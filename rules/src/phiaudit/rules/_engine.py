@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from phiaudit.storage import Alert, PermanentError, RecordEncoder
+from phiaudit.storage import Alert, MemoryLimitExceeded, PermanentError, RecordEncoder
 
 from ._compile import MAX_ROWS, Compiled, compile_rule, effective_grid, rule_hash
 from ._config import RulesConfig
@@ -40,6 +40,10 @@ _log = logging.getLogger("phiaudit.rules")
 #: one query covers at most this much time; a scheduled run catches up at most MAX_CATCHUP
 CHUNK_US = 86_400 * 1_000_000
 MAX_CATCHUP_US = 6 * 3600 * 1_000_000
+#: a rule query that needs more memory than it may use is split into SHARD_FACTOR times as
+#: many shards (by its group-by values), up to MAX_SHARDS
+SHARD_FACTOR = 4
+MAX_SHARDS = 256
 
 
 class QueryStore(Protocol):
@@ -67,6 +71,8 @@ class RunStats:
     duplicates: int = 0
     failures: int = 0
     truncated: int = 0
+    #: queries that needed more memory than they may use and were split into shards
+    splits: int = 0
     seconds: float = 0.0
 
 
@@ -97,10 +103,19 @@ def render_summary(rule: Rule, values: dict[str, Any]) -> str:
 
 
 class RuleEngine:
-    """Evaluates ``rules`` against ``store`` and appends alerts through ``submit``."""
+    """Evaluates ``rules`` against ``store`` and appends alerts through ``submit``.
+
+    ``max_query_bytes`` (0: no limit): the memory one rule query may use in the engine. The
+    service sets it, so that the rules, which run beside the ingestion in one process, cannot
+    take the memory the audit trail needs. A query that needs more is evaluated again in
+    shards of its groups (``compile_rule``'s ``shard``), 4, 16, ... 256 of them; the number
+    that fitted is kept for the rule's next runs. A rule that does not fit in 256 shards, or
+    that has no groups to split, fails like a broken rule: logged, counted, retried on the
+    next run, the other rules unaffected."""
 
     def __init__(self, store: QueryStore, submit: Submit, encoder: RecordEncoder,
-                 rules: Sequence[Rule], config: RulesConfig | None = None) -> None:
+                 rules: Sequence[Rule], config: RulesConfig | None = None, *,
+                 max_query_bytes: int = 0) -> None:
         self.store = store
         self.submit = submit
         self.encoder = encoder
@@ -109,6 +124,8 @@ class RuleEngine:
         self.stats = RunStats()
         self._lock = threading.Lock()
         self._materialize: bool | None = None
+        self._settings = {"max_memory_usage": max_query_bytes} if max_query_bytes else None
+        self._shards: dict[str, int] = {}
 
     # -- public entry points ----------------------------------------------------------
     @property
@@ -139,7 +156,11 @@ class RuleEngine:
     #: alerts. Evaluation is background work; the service's memory is not.
     materialize_windows: bool = False
 
-    def _compile(self, rule: Rule, window_from_us: int, window_to_us: int) -> Compiled:
+    #: the most shards a query that needs more memory than it may use is split into
+    max_shards: int = MAX_SHARDS
+
+    def _compile(self, rule: Rule, window_from_us: int, window_to_us: int,
+                 shard: tuple[int, int] = (0, 1)) -> Compiled:
         if self.materialize_windows and self._materialize is None:
             # materialized CTEs (read the filtered events once) need ClickHouse 26.x
             try:
@@ -149,7 +170,8 @@ class RuleEngine:
             except PermanentError:  # an older server: read the events once per use
                 self._materialize = False
         return compile_rule(rule, window_from_us, window_to_us, self.config.step_s,
-                            materialize=self.materialize_windows and bool(self._materialize))
+                            materialize=self.materialize_windows and bool(self._materialize),
+                            shard=shard)
 
     def run_due(self, now_us: int | None = None) -> list[Alert]:
         """Evaluate every enabled rule's due windows; write the alerts and the watermarks."""
@@ -220,7 +242,7 @@ class RuleEngine:
                     nxt = min(to, cursor + CHUNK_US)
                     cands += self._candidates(rule, cursor, nxt, mode, now)
                     cursor = nxt
-            except PermanentError as exc:
+            except (PermanentError, MemoryLimitExceeded) as exc:
                 # one broken rule does not stop the others; its watermark stays, it is retried
                 self.stats.failures += 1
                 _log.error("rules: rule %s failed: %s", rule.id, exc)
@@ -246,9 +268,29 @@ class RuleEngine:
             _log.info("rules: %d alert(s) raised (%s)", len(alerts), mode)
         return alerts
 
+    def _query(self, rule: Rule, frm: int, to: int) -> tuple[Compiled, list[tuple[Any, ...]]]:
+        """The candidate rows of ``rule`` over ``(frm, to]``, in as many shards as it takes to
+        stay within the memory a query may use."""
+        shards = self._shards.get(rule.id, 1)
+        while True:
+            rows: list[tuple[Any, ...]] = []
+            try:
+                for i in range(shards):
+                    compiled = self._compile(rule, frm, to, (i, shards))
+                    rows += self.store.query(compiled.sql, compiled.params,
+                                             settings=self._settings)[1]
+                return compiled, rows
+            except MemoryLimitExceeded:
+                if not rule.correlation.group_by or shards >= self.max_shards:
+                    raise
+                shards = min(self.max_shards, shards * SHARD_FACTOR)
+                self._shards[rule.id] = shards
+                self.stats.splits += 1
+                _log.info("rules: rule %s needs more memory than a query may use; "
+                          "evaluated in %d shards from now on", rule.id, shards)
+
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
-        compiled = self._compile(rule, frm, to)
-        _cols, rows = self.store.query(compiled.sql, compiled.params)
+        compiled, rows = self._query(rule, frm, to)
         if len(rows) >= MAX_ROWS:
             self.stats.truncated += 1
             _log.warning("rules: rule %s matched %d events or more in one range; the rest of "

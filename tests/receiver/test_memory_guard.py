@@ -78,6 +78,15 @@ def test_memory_release_mb_is_validated() -> None:
         assert "memory_release_mb: an integer from 0 (never) to 1048576" in exc.value.errors
 
 
+def test_query_memory_mb_is_validated() -> None:
+    ServiceConfig(data_dir="d", query_memory_mb=0).validate()
+    assert ServiceConfig(data_dir="d").query_memory_mb == 64
+    for bad in (-1, False, "64", 0.5, (1 << 20) + 1):
+        with pytest.raises(ConfigError) as exc:
+            ServiceConfig(data_dir="d", query_memory_mb=bad).validate()  # type: ignore[arg-type]
+        assert "query_memory_mb: an integer from 0 (no limit) to 1048576" in exc.value.errors
+
+
 def test_the_service_releases_memory_above_its_mark(tmp_path: Path) -> None:
     # a 1 MiB mark: the service is always above it, so it releases every interval, through
     # its own restricted engine user; it keeps serving, and stops cleanly

@@ -23,6 +23,8 @@ REFUSED = [  # (statement, token kind, expected outcome, words of the error line
     ("SELECT 1; SELECT 2", "admin", "denied", "one statement"),
     ("SELECT 1 INTO OUTFILE '/tmp/phiaudit-outfile-probe'", "admin", "denied", "OUTFILE"),
     ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "admin", "error", "497"),
+    # ~800 MB in one array: more than a query may use beside the ingestion (query_memory_mb)
+    ("SELECT length(range(200000000)) AS too_big", "admin", "error", "query_memory_mb"),
 ]
 ALL_REFUSED = {s for s, _, _, _ in REFUSED}
 

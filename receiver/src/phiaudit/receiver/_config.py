@@ -52,6 +52,10 @@ class ServiceConfig:
     #: above this resident memory (MiB) the service gives the memory its allocators hold
     #: freed back to the system (receiver/_memory.py); 0: never
     memory_release_mb: int = 768
+    #: the memory (MiB) one query of the rule engine or of `phiaudit sql` may use in the
+    #: service's engine, which it shares with the ingestion; 0: no limit. A rule query that
+    #: needs more is split by its groups (rules/_engine.py); a staff query is refused
+    query_memory_mb: int = 64
     #: audit spans through the compiled extractor (_native.c) where it is built; false: all
     #: in Python (the reference mapping; slower)
     native_extractor: bool = True
@@ -163,6 +167,9 @@ class ServiceConfig:
         if not isinstance(self.memory_release_mb, int) or isinstance(self.memory_release_mb, bool) \
                 or not 0 <= self.memory_release_mb <= 1 << 20:
             errors.append("memory_release_mb: an integer from 0 (never) to 1048576")
+        if not isinstance(self.query_memory_mb, int) or isinstance(self.query_memory_mb, bool) \
+                or not 0 <= self.query_memory_mb <= 1 << 20:
+            errors.append("query_memory_mb: an integer from 0 (no limit) to 1048576")
         for key in ("checkpoint_interval_ms", "checkpoint_events", "checkpoint_heartbeat_ms"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -89,7 +89,8 @@ class RuleScheduler:
         self.submit = submit
         self.store = _YieldingStore(local.store, writer)
         self.engine = RuleEngine(self.store, submit, local.encoder, self.rules,
-                                 self.rules_config)
+                                 self.rules_config,
+                                 max_query_bytes=config.query_memory_mb << 20)
         self.interval_s = float(self.rules_config.interval_s)
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -225,6 +225,7 @@ class _Query:
         # inserts the engine reported done without their parts (see Store.insert_arrow)
         snap["writer_lost_inserts"] = stats.lost_inserts
         snap["writer_unconfirmed_inserts"] = stats.unconfirmed_inserts
+        snap.update(self.svc.rule_metrics())
         return json.dumps(snap).encode()
 
 

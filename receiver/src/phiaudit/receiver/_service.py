@@ -143,7 +143,8 @@ class _Local:
             spool=spool, linker=native_linker() if config.native_extractor else None)
         self.writer.start()
         self.gateway = QueryGateway(self.store, self.encoder, self.credentials,
-                                    self._record_access)
+                                    self._record_access,
+                                    max_memory_bytes=config.query_memory_mb << 20)
 
     def _record_access(self, rec: AccessRecord) -> None:
         row = self.encoder.access_row(rec, time.time_ns() // 1000)
@@ -199,6 +200,16 @@ class Service:
     def gateway(self) -> QueryGateway:
         assert self._local is not None
         return self._local.gateway
+
+    def rule_metrics(self) -> dict[str, int]:
+        """The scheduled rule runs' counters (none while the rules are off)."""
+        sched = self._rules
+        if sched is None or not sched.rules_config.enabled:
+            return {}
+        st = sched.engine.stats
+        return {"rule_ticks": sched.ticks, "rule_ticks_failed": sched.failures,
+                "rule_ticks_skipped": sched.skipped, "rule_failures": st.failures,
+                "rule_alerts": st.alerts, "rule_query_splits": st.splits}
 
     async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         """Parse, extract and encrypt one request, and compute its writer key (``key``): in a

@@ -43,3 +43,13 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
     # name every table, or a table added later would keep LZ4 and the old merges on upgrade
     assert {name for name, _ in rows} == set(_TUNED_TABLES)
     assert len(_tuning_statements("db")) == len(_TUNED_TABLES)
+
+
+def test_merges_share_a_memory_budget(store: Store) -> None:
+    # the service's engine starts no merge while those running use MERGE_MEMORY_BYTES
+    from phiaudit.storage._store import MERGE_MEMORY_BYTES
+
+    _, rows = store.query(
+        "SELECT value, changed FROM system.server_settings "
+        "WHERE name = 'merges_mutations_memory_usage_soft_limit'")
+    assert rows == [(str(MERGE_MEMORY_BYTES), 1)]

@@ -82,6 +82,7 @@ _USERS_XML = """<clickhouse>
 _CONFIG_XML = """<clickhouse>
 {users}  <logger><level>error</level><console>0</console></logger>
   <os_threads_nice_value_merge_mutate>19</os_threads_nice_value_merge_mutate>
+  <merges_mutations_memory_usage_soft_limit>{merge_memory}</merges_mutations_memory_usage_soft_limit>
   <storage_configuration>
     <disks>
       <phiaudit_plain><type>local</type><path>{plain}/</path></phiaudit_plain>
@@ -127,6 +128,12 @@ def disk_key_env(data_dir: Path) -> dict[str, str]:
     return {_disk_env_name(data_dir): key.hex()}
 
 
+#: merges together may use this much memory before the engine starts another (one already
+#: running goes on): each holds 70-160 MiB (bench/README.md, session 10), and on 2 cores up
+#: to four ran at once beside the ingestion and a rule run (session 11)
+MERGE_MEMORY_BYTES = 128 << 20
+
+
 def write_engine_config(data_dir: Path, database: str, *, restricted: bool) -> Path:
     """The engine's configuration: the encrypted disk always; for the service's own engine
     also the restricted user (SELECT and INSERT only)."""
@@ -142,7 +149,8 @@ def write_engine_config(data_dir: Path, database: str, *, restricted: bool) -> P
         users = f"  <users_config>{users_file}</users_config>\n"
     config = cfg_dir / ("config.xml" if restricted else "admin.xml")
     config.write_text(_CONFIG_XML.format(users=users, plain=plain,
-                                         env=_disk_env_name(data_dir)))
+                                         env=_disk_env_name(data_dir),
+                                         merge_memory=MERGE_MEMORY_BYTES))
     return config
 
 

@@ -53,8 +53,9 @@ class ServiceConfig:
     #: freed back to the system (receiver/_memory.py); 0: never
     memory_release_mb: int = 768
     #: the memory (MiB) one query of the rule engine or of `phiaudit sql` may use in the
-    #: service's engine, which it shares with the ingestion; 0: no limit. A rule query that
-    #: needs more is split by its groups (rules/_engine.py); a staff query is refused
+    #: embedded engine, which it shares with the ingestion; 0: no limit (a ClickHouse server's
+    #: own profiles limit its queries). A rule query that needs more is split by its groups
+    #: (rules/_engine.py); a staff query is refused
     query_memory_mb: int = 64
     #: audit spans through the compiled extractor (_native.c) where it is built; false: all
     #: in Python (the reference mapping; slower)

@@ -90,7 +90,7 @@ class RuleScheduler:
         self.store = _YieldingStore(local.store, writer)
         self.engine = RuleEngine(self.store, submit, local.encoder, self.rules,
                                  self.rules_config,
-                                 max_query_bytes=config.query_memory_mb << 20)
+                                 max_query_bytes=local.query_memory_bytes)
         self.interval_s = float(self.rules_config.interval_s)
         self._lock = threading.Lock()
         self._stop = threading.Event()

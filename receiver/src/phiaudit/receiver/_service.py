@@ -142,9 +142,12 @@ class _Local:
             max_wait=config.batch_max_wait_ms / 1000, max_queue_rows=config.max_queue_rows,
             spool=spool, linker=native_linker() if config.native_extractor else None)
         self.writer.start()
+        #: what one rule or staff query may use of the engine this process shares with the
+        #: ingestion (embedded only: a ClickHouse server's own profiles limit its queries)
+        self.query_memory_bytes = config.query_memory_mb << 20 if self.location.embedded else 0
         self.gateway = QueryGateway(self.store, self.encoder, self.credentials,
                                     self._record_access,
-                                    max_memory_bytes=config.query_memory_mb << 20)
+                                    max_memory_bytes=self.query_memory_bytes)
 
     def _record_access(self, rec: AccessRecord) -> None:
         row = self.encoder.access_row(rec, time.time_ns() // 1000)

@@ -69,22 +69,15 @@ def test_the_thread_runs_until_stopped_and_zero_turns_it_off() -> None:
     assert len(n) == stopped
 
 
-def test_memory_release_mb_is_validated() -> None:
-    ServiceConfig(data_dir="d", memory_release_mb=0).validate()
-    assert ServiceConfig(data_dir="d").memory_release_mb == 768
-    for bad in (-1, True, "768", 1.5, (1 << 20) + 1):
+@pytest.mark.parametrize(("key", "default", "zero"), [
+    ("memory_release_mb", 768, "never"), ("query_memory_mb", 64, "no limit")])
+def test_memory_keys_are_validated(key: str, default: int, zero: str) -> None:
+    ServiceConfig(data_dir="d", **{key: 0}).validate()
+    assert getattr(ServiceConfig(data_dir="d"), key) == default
+    for bad in (-1, True, str(default), 1.5, (1 << 20) + 1):
         with pytest.raises(ConfigError) as exc:
-            ServiceConfig(data_dir="d", memory_release_mb=bad).validate()  # type: ignore[arg-type]
-        assert "memory_release_mb: an integer from 0 (never) to 1048576" in exc.value.errors
-
-
-def test_query_memory_mb_is_validated() -> None:
-    ServiceConfig(data_dir="d", query_memory_mb=0).validate()
-    assert ServiceConfig(data_dir="d").query_memory_mb == 64
-    for bad in (-1, False, "64", 0.5, (1 << 20) + 1):
-        with pytest.raises(ConfigError) as exc:
-            ServiceConfig(data_dir="d", query_memory_mb=bad).validate()  # type: ignore[arg-type]
-        assert "query_memory_mb: an integer from 0 (no limit) to 1048576" in exc.value.errors
+            ServiceConfig(data_dir="d", **{key: bad}).validate()
+        assert f"{key}: an integer from 0 ({zero}) to 1048576" in exc.value.errors
 
 
 def test_the_service_releases_memory_above_its_mark(tmp_path: Path) -> None:

@@ -105,6 +105,12 @@ def test_the_default_mark_leaves_an_idle_service_alone(tmp_path: Path) -> None:
     svc = start_service(tmp_path / "data")
     try:
         time.sleep(1.0)
-        assert svc.metrics().get("memory_releases", 0) == 0
+        metrics = svc.metrics()
+        assert metrics.get("memory_releases", 0) == 0
+        # the rule runs are reported beside it (none has failed or split on an idle service)
+        assert {k: metrics[k] for k in ("rule_ticks_failed", "rule_failures",
+                                        "rule_query_splits")} == dict.fromkeys(
+            ("rule_ticks_failed", "rule_failures", "rule_query_splits"), 0)
+        assert "rule_ticks" in metrics and "rule_alerts" in metrics
     finally:
         assert svc.stop() == 0, svc.log()

@@ -165,12 +165,10 @@ class ServiceConfig:
             errors.append("max_rows_per_request: must be an integer >= 1")
         if isinstance(self.max_message_bytes, int) and self.max_message_bytes > 1 << 30:
             errors.append("max_message_bytes: at most 1 GiB")
-        if not isinstance(self.memory_release_mb, int) or isinstance(self.memory_release_mb, bool) \
-                or not 0 <= self.memory_release_mb <= 1 << 20:
-            errors.append("memory_release_mb: an integer from 0 (never) to 1048576")
-        if not isinstance(self.query_memory_mb, int) or isinstance(self.query_memory_mb, bool) \
-                or not 0 <= self.query_memory_mb <= 1 << 20:
-            errors.append("query_memory_mb: an integer from 0 (no limit) to 1048576")
+        for key, zero in (("memory_release_mb", "never"), ("query_memory_mb", "no limit")):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 20:
+                errors.append(f"{key}: an integer from 0 ({zero}) to 1048576")
         for key in ("checkpoint_interval_ms", "checkpoint_events", "checkpoint_heartbeat_ms"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

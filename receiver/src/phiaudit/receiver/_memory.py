@@ -12,8 +12,9 @@ what passes the 1 GiB the issue allows (bench/README.md, session 10):
 
 Releasing costs CPU (a purged page is faulted in again when the allocator reuses it), so it is
 done only above the mark, at most every ``interval`` seconds. The engine's own working memory
-(merges, queries) is not touched: that is bounded by the table settings (at most 16 parts a
-merge, ``storage._schema``).
+is not touched here: merges are bounded by the table settings (at most 16 parts a merge,
+``storage._schema``) and the engine's merge budget (``storage._store.MERGE_MEMORY_BYTES``),
+rule and staff queries by ``query_memory_mb``.
 """
 
 from __future__ import annotations

@@ -268,18 +268,22 @@ class RuleEngine:
             _log.info("rules: %d alert(s) raised (%s)", len(alerts), mode)
         return alerts
 
-    def _query(self, rule: Rule, frm: int, to: int) -> tuple[Compiled, list[tuple[Any, ...]]]:
+    def _query(self, rule: Rule, frm: int, to: int,
+               ) -> tuple[Compiled, list[tuple[Any, ...]], bool]:
         """The candidate rows of ``rule`` over ``(frm, to]``, in as many shards as it takes to
-        stay within the memory a query may use."""
+        stay within the memory a query may use, and whether a query hit ``MAX_ROWS``."""
         shards = self._shards.get(rule.id, 1)
         while True:
             rows: list[tuple[Any, ...]] = []
+            truncated = False
             try:
                 for i in range(shards):
                     compiled = self._compile(rule, frm, to, (i, shards))
-                    rows += self.store.query(compiled.sql, compiled.params,
-                                             settings=self._settings)[1]
-                return compiled, rows
+                    part = self.store.query(compiled.sql, compiled.params,
+                                            settings=self._settings)[1]
+                    truncated = truncated or len(part) >= MAX_ROWS  # per query: its LIMIT
+                    rows += part
+                return compiled, rows, truncated
             except MemoryLimitExceeded:
                 if not rule.correlation.group_by or shards >= self.max_shards:
                     raise
@@ -290,8 +294,8 @@ class RuleEngine:
                           "evaluated in %d shards from now on", rule.id, shards)
 
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
-        compiled, rows = self._query(rule, frm, to)
-        if len(rows) >= MAX_ROWS:
+        compiled, rows, truncated = self._query(rule, frm, to)
+        if truncated:
             self.stats.truncated += 1
             _log.warning("rules: rule %s matched %d events or more in one range; the rest of "
                          "the range is not alerted on", rule.id, MAX_ROWS)

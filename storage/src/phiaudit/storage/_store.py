@@ -583,18 +583,14 @@ class Store:
         """Give the memory the embedded engine's allocator holds freed back to the system
         (jemalloc keeps freed pages up to 5 s, ~100-290 MiB at full speed; measured in
         bench/README.md, session 10). True when done; a server's memory is its own (False)."""
-        if not self.location.embedded:
+        if not self.location.embedded or self._engine is None:
             return False
         try:
-            if self._engine is not None:
-                # through the inserts' handle: a rule or staff query can hold the query lock
-                # for seconds, the very time its freed pages pile up (measured: 124 MiB of
-                # them while a rule run kept the guard waiting; bench/README.md, session 11)
-                with self._insert_lock:
-                    self._engine.query("SYSTEM JEMALLOC PURGE")
-            else:
-                with self._lock:
-                    self._client.command("SYSTEM JEMALLOC PURGE")
+            # through the inserts' handle: a rule or staff query can hold the query lock for
+            # seconds, the very time its freed pages pile up (measured: 124 MiB of them while
+            # a rule run kept the guard waiting; bench/README.md, session 11)
+            with self._insert_lock:
+                self._engine.query("SYSTEM JEMALLOC PURGE")
         except Exception as exc:
             raise _map_error(exc, "release memory") from exc
         return True

@@ -212,7 +212,8 @@ class Service:
         st = sched.engine.stats
         return {"rule_ticks": sched.ticks, "rule_ticks_failed": sched.failures,
                 "rule_ticks_skipped": sched.skipped, "rule_failures": st.failures,
-                "rule_alerts": st.alerts, "rule_query_splits": st.splits}
+                "rule_alerts": st.alerts, "rule_query_splits": st.splits,
+                "rule_windows_fired": st.fired, "rule_windows_already_alerted": st.fired_known}
 
     async def process(self, signal: str, raw: bytes, sender: str) -> Processed:
         """Parse, extract and encrypt one request, and compute its writer key (``key``): in a

@@ -13,7 +13,7 @@ watermark (or over a past period), deduplicates, and appends alerts to the ``ale
 """
 
 from ._care import OPEN_END_US, CareFileError, care_rows, care_rows_from_bytes
-from ._compile import Compiled, compile_rule
+from ._compile import Compiled, compile_rule, two_stage
 from ._config import BUILTIN_RULE_IDS, RulesConfig, builtin_rules, load_rules
 from ._engine import RuleEngine, alert_id
 from ._model import Rule
@@ -53,4 +53,5 @@ __all__ = [
     "load_rule_file",
     "load_rules",
     "parse_rule",
+    "two_stage",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from ._model import (
 )
 from ._schedule import schedule_sql
 
-__all__ = ["Compiled", "compile_rule", "effective_grid", "rule_hash"]
+__all__ = ["Compiled", "compile_rule", "effective_grid", "rule_hash", "two_stage"]
 
 _OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
 EVIDENCE_LIMIT = 100
@@ -52,6 +52,9 @@ EVIDENCE_LIMIT = 100
 MAX_ROWS = 100_000
 #: ranges of at most this many window ends (scheduled runs) count each window directly
 DIRECT_WINDOWS = 2
+#: ``uniqUpTo(N)`` counts exactly up to N (at most 100) and holds at most N values a group
+UNIQ_UP_TO_MAX = 100
+_COUNTING = ("event_count", "value_count", "absent", "lookup")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,24 @@ def rule_hash(rule: Rule) -> str:
         "correlation": repr(rule.correlation), "params": rule.params,
     }, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def two_stage(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 60) -> bool:
+    """Whether windows ending in ``(window_from_us, window_to_us]`` are evaluated in two
+    stages: a grouped counting rule over one or two window ends (a scheduled run).
+
+    Stage ``check`` finds the (group, window) pairs that cross the threshold and returns their
+    values only, no evidence; a distinct count with a threshold of at most 100 is counted with
+    ``uniqUpTo(threshold)``, exact wherever the comparison needs it, so a group holds at most
+    threshold + 1 values whatever the number of events. Stage two (``only``: the groups that
+    fired and were not alerted already) is the whole query over those groups alone. A window
+    of an hour re-read every minute then costs memory in proportion to its groups, not to its
+    events, and groups already alerted on cost no evidence."""
+    if rule.correlation.type not in _COUNTING or not rule.correlation.group_by:
+        return False
+    step, _span = effective_grid(rule, step_s)
+    step_us = step * 1_000_000
+    return window_to_us // step_us - (window_from_us // step_us + 1) < DIRECT_WINDOWS
 
 
 def _resolve(rule: Rule, v: Any) -> Any:
@@ -185,7 +206,8 @@ def _micro(bind_name: str) -> str:
 
 
 def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 60,
-                 materialize: bool = True, shard: tuple[int, int] = (0, 1)) -> Compiled:
+                 materialize: bool = True, shard: tuple[int, int] = (0, 1), *,
+                 stage: str = "all", only: Sequence[int] | None = None) -> Compiled:
     """One SELECT returning the candidate alerts of every window of ``rule`` that ends in
     ``(window_from_us, window_to_us]`` on the step grid. ``materialize``: the filtered events
     are read once (``WITH ... AS MATERIALIZED``, ClickHouse 26.x; the engine checks the
@@ -195,10 +217,20 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     Every correlation counts within a group, so the ``n`` shards' candidates together are
     exactly the whole query's, each shard holding about 1/n of its memory (the rule engine
     splits a query that needs more than it may use). A rule without ``group-by`` is one
-    shard."""
+    shard.
+
+    ``stage="check"`` (where ``two_stage`` holds): the candidate (window, group) rows with
+    their values and ``gh``, the hash of the group's values, and nothing else. ``only``: the
+    groups whose hash (``gh``) is in it, alone."""
     shard_i, shards = shard
     if not (0 <= shard_i < shards) or (shards > 1 and not rule.correlation.group_by):
         raise ValueError("shard: (i, n) with 0 <= i < n, and n = 1 for a rule without group-by")
+    if stage not in ("all", "check"):
+        raise ValueError("stage: all or check")
+    if stage == "check" and not two_stage(rule, window_from_us, window_to_us, step_s):
+        raise ValueError("stage: check is for a grouped counting rule over one or two windows")
+    if only is not None and not rule.correlation.group_by:
+        raise ValueError("only: a rule without group-by has one group")
     step, span = effective_grid(rule, step_s)
     step_us, span_us = step * 1_000_000, span * 1_000_000
     k_lo = window_from_us // step_us + 1
@@ -236,6 +268,8 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     if shards > 1:
         sharded = (f" AND cityHash64({', '.join(group)}) % {bind(shards, 'UInt64')} "
                    f"= {bind(shard_i, 'UInt64')}")
+    if only is not None:
+        sharded += f" AND cityHash64({', '.join(group)}) IN {bind(list(only), 'Array(UInt64)')}"
     base = _Base(f"SELECT {', '.join(needed)}{_EXTRA} FROM {src.table} "
                  f"WHERE {time_filter}{sharded} AND {detection}")
 
@@ -288,7 +322,30 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
         filtered = _absent_sql(rule, base, bind, lo_us, hi_us)
     elif c.type == "lookup":
         filtered = _lookup_sql(rule, base, p_lo, p_hi)
-    thr = bind(int(_resolve(rule, c.threshold)), "Int64")
+    threshold = int(_resolve(rule, c.threshold))
+    thr = bind(threshold, "Int64")
+    if stage == "check":
+        if not c.field:
+            value = "count()"
+        elif 0 <= threshold <= UNIQ_UP_TO_MAX:
+            # exact up to the threshold, threshold + 1 above it: every comparison with the
+            # threshold comes out as with the exact count
+            value = f"uniqUpTo({threshold})(f)"
+        else:
+            value = "uniqExact(f)"
+        sql = (
+            f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
+            f"k * {p_step} AS window_end, "
+            + "".join(f"{g}, " for g in gnames)
+            + f"toUInt64({value}) AS value, cityHash64({', '.join(gnames)}) AS gh "
+            f"FROM ({filtered}) "
+            f"ARRAY JOIN range(greatest(intDiv(toUnixTimestamp64Micro(t), {p_step}) + 1, "
+            f"{p_klo}), least(intDiv(toUnixTimestamp64Micro(t), {p_step}) + "
+            f"{bind(nsteps, 'Int64')}, {p_khi}) + 1) AS k "
+            f"GROUP BY {', '.join([*gnames, 'k'])} HAVING value {_OPS[c.op]} {thr} "
+            f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
+        return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us,
+                     window_to_us)
     if k_hi - k_lo < DIRECT_WINDOWS:
         # a scheduled run: one or two window ends; each event falls in at most that many
         value = "uniqExact(f)" if c.field else "count()"

@@ -15,6 +15,7 @@ re-runs therefore never raise an alert twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,11 +26,11 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from phiaudit.storage import Alert, MemoryLimitExceeded, PermanentError, RecordEncoder
 
-from ._compile import MAX_ROWS, Compiled, compile_rule, effective_grid, rule_hash
+from ._compile import MAX_ROWS, Compiled, compile_rule, effective_grid, rule_hash, two_stage
 from ._config import RulesConfig
 from ._model import Rule
 
@@ -44,6 +45,8 @@ MAX_CATCHUP_US = 6 * 3600 * 1_000_000
 #: many shards (by its group-by values), up to MAX_SHARDS
 SHARD_FACTOR = 4
 MAX_SHARDS = 256
+#: the second stage of a two-stage rule reads the evidence of at most this many groups a query
+EVIDENCE_GROUPS = 5_000
 
 
 class QueryStore(Protocol):
@@ -63,6 +66,30 @@ def alert_id(rule_id: str, group_key: str, window_start_us: int) -> uuid.UUID:
     return uuid.UUID(bytes=digest[:16])
 
 
+@dataclass(frozen=True)
+class _Fired:
+    """A (group, window) that crossed its rule's threshold, before its evidence is read."""
+
+    alert_id: uuid.UUID
+    rule_id: str
+    group_key: str
+    window_start_us: int
+    window_end_us: int
+    group_hash: int
+
+
+_W = TypeVar("_W", Alert, _Fired)
+
+
+def _group_key(group_by: Sequence[str], row: Sequence[Any]) -> tuple[str, list[str]]:
+    """The alert's group key (JSON of the group's values) and the values, from a result row's
+    group columns."""
+    groups = [("" if v is None else str(v)) for v in row[2:2 + len(group_by)]]
+    key = json.dumps(dict(zip(group_by, groups, strict=True)), sort_keys=True,
+                     separators=(",", ":"))
+    return key, groups
+
+
 @dataclass
 class RunStats:
     rules: int = 0
@@ -73,6 +100,10 @@ class RunStats:
     truncated: int = 0
     #: queries that needed more memory than they may use and were split into shards
     splits: int = 0
+    #: (group, window) pairs of two-stage rules that crossed their threshold, and those of
+    #: them already alerted on (their evidence not read)
+    fired: int = 0
+    fired_known: int = 0
     seconds: float = 0.0
 
 
@@ -125,7 +156,7 @@ class RuleEngine:
         self._lock = threading.Lock()
         self._materialize: bool | None = None
         self._settings = {"max_memory_usage": max_query_bytes} if max_query_bytes else None
-        self._shards: dict[str, int] = {}
+        self._shards: dict[tuple[str, str], int] = {}
 
     # -- public entry points ----------------------------------------------------------
     @property
@@ -143,7 +174,13 @@ class RuleEngine:
         head = (f"-- rule {rule.id} ({rule.severity}): {rule.title}\n"
                 f"-- source {rule.source}, correlation {rule.correlation.type}, "
                 f"windows ending in ({_iso(to - step_us)}, {_iso(to)}]\n")
-        return head + compiled.explain()
+        if not two_stage(rule, to - step_us, to, self.config.step_s):
+            return head + compiled.explain()
+        check = self._compile(rule, to - step_us, to, stage="check")
+        return (head + "-- stage 1: the (group, window) pairs over the threshold, no evidence\n"
+                + check.explain() + "-- stage 2: this query, restricted to the groups of "
+                "stage 1 not yet alerted on (cityHash64 of the group IN [...])\n"
+                + compiled.explain())
 
     def compile(self, rule_id: str, window_from_us: int, window_to_us: int) -> Compiled:
         return self._compile(self._rule(rule_id), window_from_us, window_to_us)
@@ -160,7 +197,8 @@ class RuleEngine:
     max_shards: int = MAX_SHARDS
 
     def _compile(self, rule: Rule, window_from_us: int, window_to_us: int,
-                 shard: tuple[int, int] = (0, 1)) -> Compiled:
+                 shard: tuple[int, int] = (0, 1), *, stage: str = "all",
+                 only: Sequence[int] | None = None) -> Compiled:
         if self.materialize_windows and self._materialize is None:
             # materialized CTEs (read the filtered events once) need ClickHouse 26.x
             try:
@@ -171,7 +209,7 @@ class RuleEngine:
                 self._materialize = False
         return compile_rule(rule, window_from_us, window_to_us, self.config.step_s,
                             materialize=self.materialize_windows and bool(self._materialize),
-                            shard=shard)
+                            shard=shard, stage=stage, only=only)
 
     def run_due(self, now_us: int | None = None) -> list[Alert]:
         """Evaluate every enabled rule's due windows; write the alerts and the watermarks."""
@@ -268,17 +306,18 @@ class RuleEngine:
             _log.info("rules: %d alert(s) raised (%s)", len(alerts), mode)
         return alerts
 
-    def _query(self, rule: Rule, frm: int, to: int,
+    def _query(self, rule: Rule, stage: str, make: Callable[[tuple[int, int]], Compiled],
                ) -> tuple[Compiled, list[tuple[Any, ...]], bool]:
-        """The candidate rows of ``rule`` over ``(frm, to]``, in as many shards as it takes to
-        stay within the memory a query may use, and whether a query hit ``MAX_ROWS``."""
-        shards = self._shards.get(rule.id, 1)
+        """The rows of the query ``make(shard)`` compiles, in as many shards as it takes to
+        stay within the memory a query may use, and whether a query hit ``MAX_ROWS``. The
+        number of shards is kept per rule and ``stage``."""
+        shards = self._shards.get((rule.id, stage), 1)
         while True:
             rows: list[tuple[Any, ...]] = []
             truncated = False
             try:
                 for i in range(shards):
-                    compiled = self._compile(rule, frm, to, (i, shards))
+                    compiled = make((i, shards))
                     part = self.store.query(compiled.sql, compiled.params,
                                             settings=self._settings)[1]
                     truncated = truncated or len(part) >= MAX_ROWS  # per query: its LIMIT
@@ -288,26 +327,57 @@ class RuleEngine:
                 if not rule.correlation.group_by or shards >= self.max_shards:
                     raise
                 shards = min(self.max_shards, shards * SHARD_FACTOR)
-                self._shards[rule.id] = shards
+                self._shards[(rule.id, stage)] = shards
                 self.stats.splits += 1
-                _log.info("rules: rule %s needs more memory than a query may use; "
-                          "evaluated in %d shards from now on", rule.id, shards)
+                _log.info("rules: rule %s (%s) needs more memory than a query may use; "
+                          "evaluated in %d shards from now on", rule.id, stage, shards)
 
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
-        compiled, rows, truncated = self._query(rule, frm, to)
+        if two_stage(rule, frm, to, self.config.step_s):
+            return self._two_stage(rule, frm, to, mode, now)
+        compiled, rows, truncated = self._query(
+            rule, "all", lambda shard: self._compile(rule, frm, to, shard))
         if truncated:
             self.stats.truncated += 1
             _log.warning("rules: rule %s matched %d events or more in one range; the rest of "
                          "the range is not alerted on", rule.id, MAX_ROWS)
+        return self._alerts(rule, compiled, rows, mode, now)
+
+    def _two_stage(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
+        """Which (group, window) pairs cross the threshold, without evidence; then the whole
+        query over the groups among them not yet alerted on (``compile_rule``'s stages)."""
+        compiled, rows, _ = self._query(
+            rule, "check", lambda shard: self._compile(rule, frm, to, shard, stage="check"))
+        fired = []
+        for row in rows:
+            key, _groups = _group_key(compiled.group_by, row)
+            ws = int(row[0])
+            fired.append(_Fired(alert_id(rule.id, key, ws), rule.id, key, ws, int(row[1]),
+                                int(row[-1])))
+        fresh = self._dedup(fired)
+        self.stats.fired += len(fired)
+        self.stats.fired_known += len(fired) - len(fresh)
+        wanted = {(f.group_key, f.window_start_us) for f in fresh}
+        hashes = sorted({f.group_hash for f in fresh})
+        out: list[Alert] = []
+        for i in range(0, len(hashes), EVIDENCE_GROUPS):
+            part = hashes[i:i + EVIDENCE_GROUPS]
+            compiled, rows, _ = self._query(
+                rule, "evidence", functools.partial(self._compile, rule, frm, to, only=part))
+            out += [a for a in self._alerts(rule, compiled, rows, mode, now)
+                    if (a.group_key, a.window_start_us) in wanted]
+        return out
+
+    def _alerts(self, rule: Rule, compiled: Compiled, rows: list[tuple[Any, ...]], mode: str,
+                now: int) -> list[Alert]:
+        """The candidate alerts of a query's rows (``compile_rule``'s result columns)."""
         ngroup = len(compiled.group_by)
         span_s = compiled.span_us // 1_000_000
         out = []
         for row in rows:
             ws, we = int(row[0]), int(row[1])
-            groups = [("" if v is None else str(v)) for v in row[2:2 + ngroup]]
+            key, groups = _group_key(compiled.group_by, row)
             value, evidence, ev_count, traces = row[2 + ngroup:6 + ngroup]
-            key = json.dumps(dict(zip(compiled.group_by, groups, strict=True)),
-                             sort_keys=True, separators=(",", ":"))
             values: dict[str, Any] = dict(zip(compiled.group_by, groups, strict=True))
             values.update(value=int(value), evidence_count=int(ev_count),
                           window_start=_iso(ws), window_end=_iso(we),
@@ -320,7 +390,7 @@ class RuleEngine:
                 int(ev_count), [str(t) for t in traces], mode))
         return out
 
-    def _dedup(self, candidates: list[Alert]) -> list[Alert]:
+    def _dedup(self, candidates: list[_W]) -> list[_W]:
         if not candidates:
             return []
         lo = min(a.window_start_us for a in candidates)
@@ -338,7 +408,7 @@ class RuleEngine:
         for aid, rid, key, ws, we in rows:
             ids.add(aid if isinstance(aid, uuid.UUID) else uuid.UUID(str(aid)))
             taken.setdefault((str(rid), str(key)), []).append((int(ws), int(we)))
-        kept: list[Alert] = []
+        kept: list[_W] = []
         for a in sorted(candidates, key=lambda a: (a.window_start_us, a.window_end_us)):
             if a.alert_id in ids:
                 continue

@@ -593,6 +593,13 @@ def test_a_query_over_its_memory_is_split_and_raises_the_same_alerts(
     again = eng.backfill(later, later + DAY)
     assert len(again) == 1 and again[0].value >= 1500
     assert eng.stats.splits == 1 and eng._shards == {(r.id, "all"): 4}
+    # after shard_decay runs that fitted, the next tries a quarter of the shards (here back to
+    # one query); a window that needs them again splits again
+    eng.shard_decay = 3
+    assert eng.backfill(later + DAY, later + 2 * DAY) == []
+    assert eng._shards == {} and eng.stats.splits == 1
+    assert eng.backfill(base, base + DAY) == []  # alerted already; the query still runs
+    assert eng.stats.splits == 2 and eng._shards == {(r.id, "all"): 4}
 
 
 def test_a_rule_that_does_not_fit_in_its_shards_fails_alone(env: Env, base: int) -> None:

@@ -45,6 +45,7 @@ MAX_CATCHUP_US = 6 * 3600 * 1_000_000
 #: many shards (by its group-by values), up to MAX_SHARDS
 SHARD_FACTOR = 4
 MAX_SHARDS = 256
+SHARD_DECAY = 10
 #: the second stage of a two-stage rule reads the evidence of at most this many groups a query
 EVIDENCE_GROUPS = 5_000
 
@@ -140,9 +141,12 @@ class RuleEngine:
     service sets it, so that the rules, which run beside the ingestion in one process, cannot
     take the memory the audit trail needs. A query that needs more is evaluated again in
     shards of its groups (``compile_rule``'s ``shard``), 4, 16, ... 256 of them; the number
-    that fitted is kept for the rule's next runs. A rule that does not fit in 256 shards, or
-    that has no groups to split, fails like a broken rule: logged, counted, retried on the
-    next run, the other rules unaffected."""
+    that fitted is kept for the rule's next runs, and divided by 4 again after 10 runs that
+    fitted. A rule that does not fit in 256 shards, or that has no groups to split, fails
+    like a broken rule: logged, counted, retried on the next run, the other rules
+    unaffected. A scheduled run of a grouped counting rule is two queries (``two_stage``):
+    the second, with evidence, only for the groups that crossed the threshold and were not
+    alerted on already."""
 
     def __init__(self, store: QueryStore, submit: Submit, encoder: RecordEncoder,
                  rules: Sequence[Rule], config: RulesConfig | None = None, *,
@@ -157,6 +161,7 @@ class RuleEngine:
         self._materialize: bool | None = None
         self._settings = {"max_memory_usage": max_query_bytes} if max_query_bytes else None
         self._shards: dict[tuple[str, str], int] = {}
+        self._fitted: dict[tuple[str, str], int] = {}
 
     # -- public entry points ----------------------------------------------------------
     @property
@@ -195,6 +200,9 @@ class RuleEngine:
 
     #: the most shards a query that needs more memory than it may use is split into
     max_shards: int = MAX_SHARDS
+    #: after this many runs of a query that fitted in its shards, the next run tries
+    #: SHARD_FACTOR times fewer (a window that held a burst holds less once it has passed)
+    shard_decay: int = SHARD_DECAY
 
     def _compile(self, rule: Rule, window_from_us: int, window_to_us: int,
                  shard: tuple[int, int] = (0, 1), *, stage: str = "all",
@@ -311,7 +319,8 @@ class RuleEngine:
         """The rows of the query ``make(shard)`` compiles, in as many shards as it takes to
         stay within the memory a query may use, and whether a query hit ``MAX_ROWS``. The
         number of shards is kept per rule and ``stage``."""
-        shards = self._shards.get((rule.id, stage), 1)
+        key = (rule.id, stage)
+        shards = self._shards.get(key, 1)
         while True:
             rows: list[tuple[Any, ...]] = []
             truncated = False
@@ -322,15 +331,25 @@ class RuleEngine:
                                             settings=self._settings)[1]
                     truncated = truncated or len(part) >= MAX_ROWS  # per query: its LIMIT
                     rows += part
-                return compiled, rows, truncated
             except MemoryLimitExceeded:
                 if not rule.correlation.group_by or shards >= self.max_shards:
                     raise
                 shards = min(self.max_shards, shards * SHARD_FACTOR)
-                self._shards[(rule.id, stage)] = shards
+                self._shards[key] = shards
+                self._fitted.pop(key, None)
                 self.stats.splits += 1
                 _log.info("rules: rule %s (%s) needs more memory than a query may use; "
                           "evaluated in %d shards from now on", rule.id, stage, shards)
+                continue
+            if shards > 1:  # a burst passes: after shard_decay runs that fitted, try fewer
+                self._fitted[key] = self._fitted.get(key, 0) + 1
+                if self._fitted[key] >= self.shard_decay:
+                    del self._fitted[key]
+                    if shards // SHARD_FACTOR > 1:
+                        self._shards[key] = shards // SHARD_FACTOR
+                    else:
+                        del self._shards[key]
+            return compiled, rows, truncated
 
     def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
         if two_stage(rule, frm, to, self.config.step_s):

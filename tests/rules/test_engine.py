@@ -477,6 +477,11 @@ def test_every_builtin_rule_runs_on_the_store(env: Env, base: int) -> None:
     assert rows[0][0] == len(rules)
     for r in rules:
         assert f"rule {r.id} " in eng.explain(r.id) and "-- parameters:" in eng.explain(r.id)
+    # a scheduled run's two stages are both shown; a rule of one query shows one
+    text = {r.id.rsplit("-", 1)[0]: eng.explain(r.id) for r in rules}
+    assert "-- stage 1:" in text["bulk-access"] and "uniqUpTo(50)(f)" in text["bulk-access"]
+    assert "-- stage 2:" in text["bulk-access"] and "evidence" in text["bulk-access"]
+    assert "-- stage 1:" not in text["break-glass"]
     assert eng.backfill(base, base + DAY) == []
 
 

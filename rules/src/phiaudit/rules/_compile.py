@@ -324,38 +324,24 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
         filtered = _lookup_sql(rule, base, p_lo, p_hi)
     threshold = int(_resolve(rule, c.threshold))
     thr = bind(threshold, "Int64")
-    if stage == "check":
-        if not c.field:
-            value = "count()"
-        elif 0 <= threshold <= UNIQ_UP_TO_MAX:
-            # exact up to the threshold, threshold + 1 above it: every comparison with the
-            # threshold comes out as with the exact count
-            value = f"uniqUpTo({threshold})(f)"
-        else:
-            value = "uniqExact(f)"
-        sql = (
-            f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
-            f"k * {p_step} AS window_end, "
-            + "".join(f"{g}, " for g in gnames)
-            + f"toUInt64({value}) AS value, cityHash64({', '.join(gnames)}) AS gh "
-            f"FROM ({filtered}) "
-            f"ARRAY JOIN range(greatest(intDiv(toUnixTimestamp64Micro(t), {p_step}) + 1, "
-            f"{p_klo}), least(intDiv(toUnixTimestamp64Micro(t), {p_step}) + "
-            f"{bind(nsteps, 'Int64')}, {p_khi}) + 1) AS k "
-            f"GROUP BY {', '.join([*gnames, 'k'])} HAVING value {_OPS[c.op]} {thr} "
-            f"ORDER BY window_end{''.join(', ' + g for g in gnames)}")
-        return _done(rule, sql, bind, tuple(group), step_us, span_us, window_from_us,
-                     window_to_us)
-    if k_hi - k_lo < DIRECT_WINDOWS:
+    if stage == "check" or k_hi - k_lo < DIRECT_WINDOWS:
         # a scheduled run: one or two window ends; each event falls in at most that many
-        value = "uniqExact(f)" if c.field else "count()"
+        if stage == "all":
+            value = "uniqExact(f)" if c.field else "count()"
+            cols = (f"groupArray({EVIDENCE_LIMIT})(id) AS evidence, count() AS evidence_count, "
+                    f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trace_ids")
+        else:  # the values alone, and the group's hash for ``only``
+            value = "count()" if not c.field else (
+                # exact up to the threshold, threshold + 1 above it: every comparison with
+                # the threshold comes out as with the exact count
+                f"uniqUpTo({threshold})(f)" if 0 <= threshold <= UNIQ_UP_TO_MAX
+                else "uniqExact(f)")
+            cols = f"cityHash64({', '.join(gnames)}) AS gh"
         sql = (
             f"SELECT k * {p_step} - {bind(span_us, 'Int64')} AS window_start, "
             f"k * {p_step} AS window_end, "
             + "".join(f"{g}, " for g in gnames)
-            + f"toUInt64({value}) AS value, "
-            f"groupArray({EVIDENCE_LIMIT})(id) AS evidence, count() AS evidence_count, "
-            f"groupUniqArrayIf({EVIDENCE_LIMIT})(tr, tr != '') AS trace_ids "
+            + f"toUInt64({value}) AS value, {cols} "
             f"FROM ({filtered}) "
             f"ARRAY JOIN range(greatest(intDiv(toUnixTimestamp64Micro(t), {p_step}) + 1, "
             f"{p_klo}), least(intDiv(toUnixTimestamp64Micro(t), {p_step}) + "

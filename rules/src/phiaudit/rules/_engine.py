@@ -45,6 +45,7 @@ MAX_CATCHUP_US = 6 * 3600 * 1_000_000
 #: many shards (by its group-by values), up to MAX_SHARDS
 SHARD_FACTOR = 4
 MAX_SHARDS = 256
+#: after this many runs that fitted, a query tries SHARD_FACTOR times fewer shards
 SHARD_DECAY = 10
 #: the second stage of a two-stage rule reads the evidence of at most this many groups a query
 EVIDENCE_GROUPS = 5_000
@@ -102,7 +103,8 @@ class RunStats:
     #: queries that needed more memory than they may use and were split into shards
     splits: int = 0
     #: (group, window) pairs of two-stage rules that crossed their threshold, and those of
-    #: them already alerted on (their evidence not read)
+    #: them dropped before their evidence was read (already alerted on, or overlapping an
+    #: earlier window of the same group in the same run)
     fired: int = 0
     fired_known: int = 0
     seconds: float = 0.0

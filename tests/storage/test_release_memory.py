@@ -46,6 +46,7 @@ def test_a_long_query_does_not_hold_up_the_release(store: Store) -> None:
     # the freed pages pile up while a long rule or staff query runs: the release goes through
     # the inserts' handle, not the query lock that query holds
     import threading
+    import time
 
     done: list[str] = []
     started = threading.Event()
@@ -59,7 +60,7 @@ def test_a_long_query_does_not_hold_up_the_release(store: Store) -> None:
     t.start()
     started.wait()
     while not store._lock.locked():  # the query holds it
-        pass
+        time.sleep(0.001)
     assert store.release_memory() is True
     done.append("release")
     t.join()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._model import (
+    COUNTING_TYPES,
     LOOKUP_TABLES,
     SCHEDULE_SELECTION,
     SOURCES,
@@ -54,7 +55,6 @@ MAX_ROWS = 100_000
 DIRECT_WINDOWS = 2
 #: ``uniqUpTo(N)`` counts exactly up to N (at most 100) and holds at most N values a group
 UNIQ_UP_TO_MAX = 100
-_COUNTING = ("event_count", "value_count", "absent", "lookup")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def two_stage(rule: Rule, window_from_us: int, window_to_us: int, step_s: int = 
     fired and were not alerted already) is the whole query over those groups alone. A window
     of an hour re-read every minute then costs memory in proportion to its groups, not to its
     events, and groups already alerted on cost no evidence."""
-    if rule.correlation.type not in _COUNTING or not rule.correlation.group_by:
+    if rule.correlation.type not in COUNTING_TYPES or not rule.correlation.group_by:
         return False
     step, _span = effective_grid(rule, step_s)
     step_us = step * 1_000_000
@@ -264,14 +264,15 @@ def compile_rule(rule: Rule, window_from_us: int, window_to_us: int, step_s: int
     needed = [f"{t} AS t", f"{src.id_column} AS id", trace_col, *gsel]
     if c.field:
         needed.append(f"{c.field} AS f")
-    sharded = ""
+    group_hash = f"cityHash64({', '.join(group)})"
+    groups_filter = ""  # this shard's groups, and only those asked for
     if shards > 1:
-        sharded = (f" AND cityHash64({', '.join(group)}) % {bind(shards, 'UInt64')} "
-                   f"= {bind(shard_i, 'UInt64')}")
+        groups_filter = (f" AND {group_hash} % {bind(shards, 'UInt64')} "
+                         f"= {bind(shard_i, 'UInt64')}")
     if only is not None:
-        sharded += f" AND cityHash64({', '.join(group)}) IN {bind(list(only), 'Array(UInt64)')}"
+        groups_filter += f" AND {group_hash} IN {bind(list(only), 'Array(UInt64)')}"
     base = _Base(f"SELECT {', '.join(needed)}{_EXTRA} FROM {src.table} "
-                 f"WHERE {time_filter}{sharded} AND {detection}")
+                 f"WHERE {time_filter}{groups_filter} AND {detection}")
 
     if c.type == "none":
         value = "toUInt64(f)" if c.field else "toUInt64(1)"

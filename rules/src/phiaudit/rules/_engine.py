@@ -378,15 +378,14 @@ class RuleEngine:
         fresh = self._dedup(fired)
         self.stats.fired += len(fired)
         self.stats.fired_known += len(fired) - len(fresh)
-        wanted = {(f.group_key, f.window_start_us) for f in fresh}
+        # a fresh group's other window (or a group sharing a fresh one's hash) may come back
+        # too: the run's deduplication drops it, as it dropped it here
         hashes = sorted({f.group_hash for f in fresh})
         out: list[Alert] = []
         for i in range(0, len(hashes), EVIDENCE_GROUPS):
-            part = hashes[i:i + EVIDENCE_GROUPS]
-            compiled, rows, _ = self._query(
-                rule, "evidence", functools.partial(self._compile, rule, frm, to, only=part))
-            out += [a for a in self._alerts(rule, compiled, rows, mode, now)
-                    if (a.group_key, a.window_start_us) in wanted]
+            compiled, rows, _ = self._query(rule, "evidence", functools.partial(
+                self._compile, rule, frm, to, only=hashes[i:i + EVIDENCE_GROUPS]))
+            out += self._alerts(rule, compiled, rows, mode, now)
         return out
 
     def _alerts(self, rule: Rule, compiled: Compiled, rows: list[tuple[Any, ...]], mode: str,

@@ -29,6 +29,7 @@ from phiaudit.storage import (
 
 __all__ = [
     "CORRELATION_TYPES",
+    "COUNTING_TYPES",
     "LOOKUP_TABLES",
     "MODIFIERS",
     "OPERATORS",
@@ -49,6 +50,8 @@ __all__ = [
 SEVERITIES = ("low", "medium", "high", "critical")
 CORRELATION_TYPES = ("none", "event_count", "value_count", "temporal", "temporal_ordered",
                      "absent", "lookup")
+#: correlations that count events (or distinct values) per group and window
+COUNTING_TYPES = ("event_count", "value_count", "absent", "lookup")
 MODIFIERS = ("gt", "gte", "lt", "lte", "contains", "startswith", "endswith", "re", "all")
 OPERATORS = ("gt", "gte", "lt", "lte", "eq")
 #: pseudo-selections the compiler provides (off-hours): need the ``schedule`` parameter

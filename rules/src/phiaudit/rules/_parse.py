@@ -18,6 +18,7 @@ from phiaudit.storage import ConfigError
 
 from ._model import (
     CORRELATION_TYPES,
+    COUNTING_TYPES,
     LOOKUP_TABLES,
     MODIFIERS,
     OPERATORS,
@@ -459,7 +460,7 @@ def _parse_correlation(
     op, threshold = "gte", 1
     cond = raw.get("condition")
     thr: int | Param = 1
-    if ctype in ("event_count", "value_count", "absent", "lookup"):
+    if ctype in COUNTING_TYPES:
         if cond is None:
             cond = {"gte": 1}
         if not isinstance(cond, dict) or len([k for k in cond if k in OPERATORS]) != 1:

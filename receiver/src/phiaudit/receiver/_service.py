@@ -281,8 +281,11 @@ class Service:
         self._rules.start()
         # a test's store wrapper may not have it: nothing to release then
         release = getattr(local.store, "release_memory", lambda: False)
-        self._memory = MemoryGuard(cfg.memory_release_mb << 20, release,
-                                   count=lambda: self.metrics.inc("memory_releases"))
+        self._memory = MemoryGuard(
+            cfg.memory_release_mb << 20, release,
+            count=lambda: self.metrics.inc("memory_releases"),
+            code=getattr(local.store, "engine_code", ()),
+            count_code=lambda: self.metrics.inc("memory_code_page_outs"))
         self._memory.start()
         await asyncio.get_running_loop().run_in_executor(None, self._start_workers)
         if local.admin_token_file:

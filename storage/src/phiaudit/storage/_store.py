@@ -595,6 +595,16 @@ class Store:
             raise _map_error(exc, "release memory") from exc
         return True
 
+    @property
+    def engine_code(self) -> tuple[str, ...]:
+        """The directories of the embedded engine's library files (chDB), whose code the
+        service may page out (receiver/_memory.py); none for a server."""
+        if not self.location.embedded or self._engine is None:
+            return ()
+        import chdb
+
+        return (os.path.dirname(os.path.realpath(chdb.__file__)),)
+
     def close(self) -> None:
         if self._closed:
             return

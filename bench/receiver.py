@@ -315,6 +315,18 @@ class Service:
             pass
         return 0
 
+    def statuses(self, *names: str) -> dict[str, int]:
+        """Several /proc/PID/status size fields from one read, in bytes (0 when missing)."""
+        out = dict.fromkeys(names, 0)
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in out:
+                    out[key] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return out
+
     def cpu_seconds(self) -> float:
         try:
             parts = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -379,6 +391,31 @@ def start_service(data_dir: Path, py_spy: str | None,
 # ------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------
+
+class RssSampler:
+    """The service's resident set every ``interval`` s, from another thread: the sample with the
+    highest VmRSS, split into anonymous and file-backed memory (VmHWM gives only the total),
+    and when it was."""
+
+    def __init__(self, svc: Service, interval: float = 0.1) -> None:
+        self._svc, self._interval = svc, interval
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self.peak: dict[str, float] = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "at_s": 0}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            got = self._svc.statuses("VmRSS", "RssAnon", "RssFile")
+            if got["VmRSS"] > self.peak["VmRSS"]:
+                self.peak = {**got, "at_s": round(time.monotonic() - self._t0, 1)}
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peak
+
 
 @dataclass
 class Load:
@@ -738,7 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = svc.cpu_seconds()
         host0 = _host_cpu()
         before = svc.metrics()
+        sampler = RssSampler(svc)
         load, wall = drive(svc.address, pool, args.clients, args.seconds, spans, "measure")
+        rss_peak = sampler.stop()
         cpu1 = svc.cpu_seconds()
         host1 = _host_cpu()
         hwm = svc.status("VmHWM")
@@ -815,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             "unavailable": load.unavailable, "other_errors": load.other_errors,
             "window_spans_per_s": windows, "peak_rss_bytes": hwm,
             "rss_end_bytes": rss_now, "rss_idle_bytes": rss_idle, "rss_end_parts": rss_parts,
+            "rss_peak_sample": rss_peak,
             "cpu_seconds": cpu1 - cpu0, "cpu_cores_used": (cpu1 - cpu0) / wall if wall else 0,
             "cpu_us_per_span": (cpu1 - cpu0) / load.acked_spans * 1e6
             if load.acked_spans else None,
@@ -844,6 +884,11 @@ def main(argv: list[str] | None = None) -> int:
     row("ack latency p99", f"{p99 * 1000:,.0f} ms", "p99_ack_s")
     row("peak RSS (VmHWM)", f"{hwm / (1 << 20):,.0f} MiB", "peak_rss")
     row("  idle RSS after start-up", f"{rss_idle / (1 << 20):,.0f} MiB")
+    row("  highest 0.1 s sample: anon / file",
+        f"{rss_peak['RssAnon'] / (1 << 20):,.0f} / {rss_peak['RssFile'] / (1 << 20):,.0f} MiB "
+        f"at {rss_peak['at_s']:,.0f} s")
+    row("  memory releases / code page-outs",
+        f"{metrics.get('memory_releases', 0):,} / {metrics.get('memory_code_page_outs', 0):,}")
     row("  RSS at end: anon / file-backed", f"{rss_parts['RssAnon'] / (1 << 20):,.0f} / "
         f"{rss_parts['RssFile'] / (1 << 20):,.0f} MiB")
     row("UNAVAILABLE answers", f"{load.unavailable:,}")

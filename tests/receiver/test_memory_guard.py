@@ -183,7 +183,7 @@ def test_the_service_releases_memory_above_its_mark(tmp_path: Path) -> None:
                 break
             time.sleep(0.2)
         assert releases >= 3
-        # the first release also paged out the engine's code (then at most every 10 s)
+        # the first release also paged out the engine's code (then at most every 2 s)
         assert 1 <= metrics.get("memory_code_page_outs", 0) < releases
         assert re.search(r"paged out \d+ MiB of the engine's code", svc.log()), svc.log()
         assert "could not release" not in svc.log()

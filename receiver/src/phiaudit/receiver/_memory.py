@@ -11,12 +11,13 @@ what passes the 1 GiB the issue allows (bench/README.md, session 10):
   its arenas: ~140 MiB held for ~70 in use. ``malloc_trim(0)`` returns the free pages.
 
 A third part of the resident set is not memory anybody freed: the engine's library (chDB's
-``_chdb.abi3.so``, ~500 MiB of code and constants) stays resident wherever it was ever run.
-Starting the engine alone touches ~185 MiB of it and a long run ~250 MiB, while a few seconds
-of ingestion touch 30-80 MiB (measured: bench/README.md, session 13). ``page_out`` asks the
+``_chdb.abi3.so``, 530 MiB of code and constants): every page of it that ever ran stays
+resident. Opening the engine touches ~170 MiB of it and a long run ~250 MiB, while a few
+seconds of ingestion use 30-80 MiB (measured: bench/README.md, session 13). ``page_out`` asks the
 kernel to reclaim those clean, file-backed pages (``madvise(MADV_PAGEOUT)``, Linux 5.4); the
-ones still in use come back from the file on their next use. At most every ``code_interval``
-seconds, above the mark.
+ones still in use come back from the file on their next use. Above the mark, at most every
+``code_interval`` seconds (2: the pages in use come back within a second, and the rest keeps
+growing for tens of seconds).
 
 Releasing costs CPU (a purged page is faulted in again when the allocator reuses it), so it is
 done only above the mark, at most every ``interval`` seconds. The engine's own working memory
@@ -43,22 +44,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_PAGEOUT = 21  # linux/mman.h, Linux 5.4
 
 
-def resident_bytes() -> int:
-    """This process's resident set (``/proc/self/statm``), or 0 where it cannot be read."""
+def _statm(field: int) -> int:
+    """A field of ``/proc/self/statm``, in bytes; 0 where it cannot be read."""
     try:
         with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
+            return int(f.read().split()[field]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def resident_bytes() -> int:
+    """This process's resident set (``/proc/self/statm``), or 0 where it cannot be read."""
+    return _statm(1)
 
 
 def file_resident_bytes() -> int:
     """This process's resident file-backed and shared memory (``/proc/self/statm``), or 0."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[2]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
+    return _statm(2)
 
 
 def _malloc_trim() -> Callable[[], Any] | None:
@@ -165,7 +167,7 @@ class MemoryGuard:
     def __init__(self, limit_bytes: int, release: Callable[[], Any], *,
                  interval: float = 0.25, count: Callable[[], None] | None = None,
                  resident: Callable[[], int] = resident_bytes,
-                 code: Sequence[str] = (), code_interval: float = 10.0,
+                 code: Sequence[str] = (), code_interval: float = 2.0,
                  count_code: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit_bytes

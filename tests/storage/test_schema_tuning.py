@@ -1,11 +1,28 @@
 """The store's tables as created: random content (ciphertexts, digests, blind indexes, random
 ids) is stored without compression, and the merge settings are in effect. Both were chosen by
 measurement (bench/store.py): LZ4 cannot shrink random bytes, and recompressing them at every
-merge was a third of the store's CPU per row."""
+merge was a third of the store's CPU per row. And an insert is synced to the disk before it
+returns: what the service acknowledges survives a power loss."""
 
 from __future__ import annotations
 
-from phiaudit.storage import AUDIT_COLUMNS, ENCRYPTED_COLUMNS, INFRA_COLUMNS, Store
+import uuid
+from pathlib import Path
+
+import pytest
+
+from phiaudit.storage import (
+    AUDIT_COLUMNS,
+    ENCRYPTED_COLUMNS,
+    INFRA_COLUMNS,
+    AuditEvent,
+    BatchWriter,
+    RecordEncoder,
+    Store,
+    TableSpec,
+    _store,
+)
+from phiaudit.storage._durable import fsync_dir
 from phiaudit.storage._schema import _TUNED_TABLES, _tuning_statements
 
 
@@ -39,6 +56,7 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
         assert "min_bytes_for_wide_part = 268435456" in engine, name
         assert "max_parts_to_merge_at_once = 16" in engine, name
         assert "non_replicated_deduplication_window = 10000" in engine, name
+        assert "fsync_after_insert = 1" in engine, name
     # stores made before the tuning get it by ALTER (``_tuning_statements``): that list must
     # name every table, or a table added later would keep LZ4 and the old merges on upgrade
     assert {name for name, _ in rows} == set(_TUNED_TABLES)
@@ -53,3 +71,43 @@ def test_merges_share_a_memory_budget(store: Store) -> None:
         "SELECT value, changed FROM system.server_settings "
         "WHERE name = 'merges_mutations_memory_usage_soft_limit'")
     assert rows == [(str(MERGE_MEMORY_BYTES), 1)]
+
+
+def _file_syncs(store: Store) -> int:
+    _, rows = store.query("SELECT value FROM system.events WHERE event = 'FileSync'")
+    return int(rows[0][0]) if rows else 0
+
+
+def test_a_committed_batch_is_synced_to_the_disk(
+        store: Store, encoder: RecordEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the writer's commit (what an acknowledgement waits for) returns after the engine has
+    # fsynced the new part's files, and the store the part's directory and the table's
+    synced: list[Path] = []
+
+    def spy(path: Path) -> None:
+        synced.append(Path(path))
+        fsync_dir(path)
+
+    monkeypatch.setattr(_store, "fsync_dir", spy)
+    writer = BatchWriter(store, "test-fsync", [TableSpec("audit_events", AUDIT_COLUMNS,
+                                                         chained=True)])
+    writer.start()
+    try:
+        before = _file_syncs(store)
+        rows = [encoder.audit_row(AuditEvent(
+            event_id=uuid.uuid4(), event_time_us=1_764_000_000_000_000 + i,
+            received_time_us=1_764_000_000_000_000 + i, action="read", outcome="success",
+            patient_id=f"syn-fsync-{i}", actor_id="u")) for i in range(3)]
+        writer.submit(None, {"audit_events": rows}).result(timeout=30)
+        after = _file_syncs(store)
+    finally:
+        assert writer.shutdown()
+    # a compact part: its data, marks, checksums, columns, count and index files
+    assert after - before >= 5, (before, after)
+    _, parts = store.query(
+        "SELECT name, path FROM system.parts WHERE database = currentDatabase() "
+        "AND table = 'audit_events' AND active AND level = 0")
+    assert len(parts) == 1, parts
+    part = Path(parts[0][1])
+    assert part.name == parts[0][0] and part.is_dir()
+    assert synced == [part, part.parent], synced

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ._crypto import _write_private, key_wrapper, unwrap_or_fail
+from ._durable import fsync_dir
 from ._errors import ConfigError, IntegrityError, StorageUnavailable
 from ._schema import CHECKPOINT_COLUMNS
 
@@ -253,11 +254,7 @@ def _write_once(path: Path, data: bytes) -> None:
         raise IntegrityError(f"anchor: {path.name} exists with other content") from None
     finally:
         tmp.unlink(missing_ok=True)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 class DirectoryAnchor:

@@ -292,8 +292,17 @@ def _cols(columns: list[Column]) -> str:
 #: RSS 970-983 MiB against 1,035-1,082, the same CPU per span
 _MERGE_TUNING = ("merge_selector_base = 64, min_bytes_for_wide_part = 268435456, "
                  "max_parts_to_merge_at_once = 16")
+#: an acknowledged insert is on the disk, not only in the page cache: the engine fsyncs a new
+#: part's files before the insert returns (``fsync_after_insert``; default off), and the
+#: embedded store then syncs the part's directory and the table's (``Store._sync_parts``:
+#: ``fsync_part_directory`` fails on the encrypted disk, error 107 with chdb-core 26.9), so a
+#: power loss or a kernel crash after the acknowledgement loses nothing (a killed process never
+#: did: tests/e2e/test_crash.py). ~10 file syncs an insert, paid once per group commit
+#: (bench/README.md, session 13). A server's operator sets ``fsync_part_directory`` in its
+#: ``merge_tree`` configuration
+_DURABILITY = "fsync_after_insert = 1"
 _BASE_SETTINGS = ("SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192, "
-                  + _MERGE_TUNING)
+                  + _MERGE_TUNING + ", " + _DURABILITY)
 
 #: the tables created with ``_cols`` and the merge settings, for upgrading older stores
 _TUNED_TABLES: dict[str, list[Column]] = {
@@ -310,7 +319,7 @@ def _tuning_statements(db: str) -> list[str]:
     for table, columns in _TUNED_TABLES.items():
         changes = [f"MODIFY COLUMN `{c.name}` CODEC({c.stored_codec})"
                    for c in columns if c.stored_codec]
-        changes.append(f"MODIFY SETTING {_MERGE_TUNING}")
+        changes.append(f"MODIFY SETTING {_MERGE_TUNING}, {_DURABILITY}")
         out.append(f"ALTER TABLE `{db}`.{table} " + ", ".join(changes))
     return out
 

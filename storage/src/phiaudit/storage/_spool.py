@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from ._arrow import arrow_table
+from ._durable import fsync_dir
 from ._errors import StorageUnavailable
 from ._schema import Column
 
@@ -48,14 +49,6 @@ class SpoolEntry:
     def read(self) -> pa.Table:
         with pa.OSFile(str(self.path), "rb") as fh:
             return pa.ipc.open_stream(fh).read_all()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BatchSpool:
@@ -115,7 +108,7 @@ class BatchSpool:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             self._entries.append(SpoolEntry(final, table, token, last_seq, head,
                                             final.stat().st_size))
 
@@ -127,7 +120,7 @@ class BatchSpool:
             rejected.mkdir(exist_ok=True, mode=0o700)
             target = rejected / entry.path.name
             os.replace(entry.path, target)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             self._entries = [e for e in self._entries if e.path != entry.path]
             return target
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
 
+from ._durable import fsync_dir
 from ._errors import ConfigError, MemoryLimitExceeded, PermanentError, StorageUnavailable
 from ._schema import SCHEMA_VERSION, Column, migration_statements
 
@@ -427,6 +428,23 @@ class Store:
         return out
 
     @staticmethod
+    def _sync_parts(dirs: list[Path], parts: set[str]) -> None:
+        """Make new parts' names durable: fsync each part's directory (its files' entries)
+        and the table's (the part's rename from its temporary name). The engine has synced
+        the files themselves (``fsync_after_insert``). A part already gone (merged and
+        removed) is skipped; any other failure is the insert's (not acknowledged)."""
+        for d in dirs:
+            synced = False
+            for name in parts:
+                try:
+                    fsync_dir(d / name)
+                except FileNotFoundError:
+                    continue
+                synced = True
+            if synced:
+                fsync_dir(d)
+
+    @staticmethod
     def _partitions(data: Any, key: str) -> int:
         """How many partitions the rows of ``data`` fall in, for the partition keys phiaudit
         uses (``toYYYYMM(c)``, ``toDate(c)`` of a UTC time column, or none); 1 for any other
@@ -513,7 +531,9 @@ class Store:
                     raise
                 # chDB's streaming insert returns without an error when writing its part
                 # fails (~0.1 ms: two directory listings of the table's active parts)
-                made = len(self._insert_parts(dirs) - before)
+                new_parts = self._insert_parts(dirs) - before
+                self._sync_parts(dirs, new_parts)
+                made = len(new_parts)
         except Exception as exc:
             raise _map_error(exc, f"insert into {table}") from exc
         return not data.num_rows or made >= self._partitions(data, key)

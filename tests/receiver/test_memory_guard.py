@@ -87,16 +87,23 @@ def _resident_in(directory: str) -> int:
 
 def test_code_mappings_are_the_read_only_file_mappings_under_the_directories(
         tmp_path: Path) -> None:
-    maps = tmp_path / "maps"
-    maps.write_text(
-        "7f0000000000-7f0000100000 r--p 00000000 08:01 1 /opt/lib/chdb/_chdb.abi3.so\n"
-        "7f0000100000-7f0000400000 r-xp 00100000 08:01 1 /opt/lib/chdb/_chdb.abi3.so\n"
-        "7f0000400000-7f0000410000 rw-p 00400000 08:01 1 /opt/lib/chdb/_chdb.abi3.so\n"
-        "7f0000500000-7f0000600000 r-xp 00000000 08:01 2 /opt/lib/chdb2/other.so\n"
-        "7f0000600000-7f0000700000 r-xp 00000000 08:01 3 /opt/lib/chdb/sub/x.so\n"
-        "7f0000700000-7f0000800000 rw-p 00000000 00:00 0\n"
-        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
-    assert code_mappings(["/opt/lib/chdb"], str(maps)) == [
+    def mapping(addresses: str, perms: str, path: str, anonymous: int = 0) -> str:
+        return (f"{addresses} {perms} 00000000 08:01 1 {path}\n"
+                f"Size:               1024 kB\nRss:                 512 kB\n"
+                f"Anonymous:        {anonymous} kB\nVmFlags: rd mr mw me\n")
+
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        mapping("7f0000000000-7f0000100000", "r--p", "/opt/lib/chdb/_chdb.abi3.so")
+        + mapping("7f0000100000-7f0000400000", "r-xp", "/opt/lib/chdb/_chdb.abi3.so")
+        # relocations, written at load and then protected: anonymous pages, left alone
+        + mapping("7f0000400000-7f0000410000", "r--p", "/opt/lib/chdb/_chdb.abi3.so", 64)
+        + mapping("7f0000410000-7f0000420000", "rw-p", "/opt/lib/chdb/_chdb.abi3.so", 4)
+        + mapping("7f0000500000-7f0000600000", "r-xp", "/opt/lib/chdb2/other.so")
+        + mapping("7f0000600000-7f0000700000", "r-xp", "/opt/lib/chdb/sub/x.so")
+        + "7f0000700000-7f0000800000 rw-p 00000000 00:00 0\nAnonymous:   1024 kB\n"
+        + mapping("7ffd00000000-7ffd00021000", "rw-p", "[stack]", 132))
+    assert code_mappings(["/opt/lib/chdb"], str(smaps)) == [
         (0x7F0000000000, 0x100000), (0x7F0000100000, 0x300000), (0x7F0000600000, 0x100000)]
     assert code_mappings(["/opt/lib/chdb"], str(tmp_path / "missing")) == []
 

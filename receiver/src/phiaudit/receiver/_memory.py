@@ -76,24 +76,32 @@ def _malloc_trim() -> Callable[[], Any] | None:
     return lambda: trim(0)
 
 
-def code_mappings(directories: Sequence[str], maps: str = "/proc/self/maps"
+def code_mappings(directories: Sequence[str], smaps: str = "/proc/self/smaps"
                   ) -> list[tuple[int, int]]:
     """The address ranges of the read-only file mappings (code, constants) of the files under
-    ``directories``: ``(start, length)``. Writable mappings are left out: their written pages
-    are the process's own data, which the kernel would have to swap."""
+    ``directories``: ``(start, length)``. Left out: writable mappings, and read-only ones with
+    anonymous pages (relocations written at load, then protected: ``RELRO``). Those pages are
+    the process's own data, which the kernel would write to swap where there is swap."""
     roots = tuple(os.path.join(os.path.realpath(d), "") for d in directories)
     ranges = []
+    current: tuple[int, int] | None = None
     try:
-        with open(maps, encoding="utf-8", errors="replace") as f:
+        with open(smaps, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
-                if len(fields) < 6 or "w" in fields[1]:
+                if not fields:
                     continue
-                path = fields[5].rstrip("\n")
-                if path.startswith(roots):
-                    start, end = (int(v, 16) for v in fields[0].split("-"))
-                    ranges.append((start, end - start))
-    except OSError:
+                if not fields[0].endswith(":"):  # a mapping's header line
+                    current = None
+                    if len(fields) == 6 and "w" not in fields[1] \
+                            and fields[5].rstrip("\n").startswith(roots):
+                        start, end = (int(v, 16) for v in fields[0].split("-"))
+                        current = (start, end - start)
+                        ranges.append(current)
+                elif fields[0] == "Anonymous:" and current is not None and fields[1] != "0":
+                    ranges.remove(current)
+                    current = None
+    except (OSError, ValueError):
         return []
     return ranges
 
@@ -148,8 +156,8 @@ class CodePager:
         freed = max(0, before - file_resident_bytes())
         if self.page_outs == 0:
             if freed:
-                _log.info("paged out %d MiB of the engine's code not in use (again at most "
-                          "every code_interval while above memory_release_mb)", freed >> 20)
+                _log.info("paged out %d MiB of the engine's code not in use (again while "
+                          "above memory_release_mb)", freed >> 20)
             else:
                 _log.info("the kernel paged out none of the engine's code: the service's "
                           "user must own its library files, or be able to write them")

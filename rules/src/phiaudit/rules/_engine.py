@@ -47,11 +47,8 @@ SHARD_FACTOR = 4
 MAX_SHARDS = 256
 #: after this many runs that fitted, a query tries SHARD_FACTOR times fewer shards
 SHARD_DECAY = 10
-#: the second stage of a two-stage rule reads the evidence of at most this many groups a query.
-#: Its rows become Python objects in the service (100 evidence ids and the trace ids a group):
-#: 6,000 groups firing at once took the process's RSS up by 50-109 MiB in parts of 5,000,
-#: 9 MiB in parts of 1,000, in the same 1.7 s (bench/README.md, session 13)
-EVIDENCE_GROUPS = 1_000
+#: the second stage of a two-stage rule reads the evidence of at most this many groups a query
+EVIDENCE_GROUPS = 5_000
 
 
 class QueryStore(Protocol):

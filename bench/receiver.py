@@ -307,13 +307,7 @@ class Service:
 
     def status(self, field_name: str) -> int:
         """A /proc/PID/status size field (VmHWM, VmRSS), in bytes."""
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return self.statuses(field_name)[field_name]
 
     def statuses(self, *names: str) -> dict[str, int]:
         """Several /proc/PID/status size fields from one read, in bytes (0 when missing)."""
@@ -782,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         host1 = _host_cpu()
         hwm = svc.status("VmHWM")
         rss_now = svc.status("VmRSS")
-        rss_parts = {k: svc.status(k) for k in ("RssAnon", "RssFile", "RssShmem")}
+        rss_parts = svc.statuses("RssAnon", "RssFile", "RssShmem")
         try:
             metrics = svc.metrics()
         except Exception as exc:

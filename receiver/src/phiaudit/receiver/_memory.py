@@ -63,13 +63,21 @@ def file_resident_bytes() -> int:
     return _statm(2)
 
 
+def _libc_function(name: str) -> Any:
+    """A function of the C library (``errno`` kept for ``ctypes.get_errno``), or None where
+    it has no such function (``malloc_trim`` on musl or macOS)."""
+    path = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(path, use_errno=True) if path
+                       else ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _malloc_trim() -> Callable[[], Any] | None:
     """glibc's ``malloc_trim(0)``, or None on a C library without it (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -120,12 +128,8 @@ class CodePager:
 
     def _setup(self) -> bool:
         self._ranges = code_mappings(self._directories)
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name, use_errno=True) if name else ctypes.CDLL(None,
-                                                                               use_errno=True)
-            madvise = libc.madvise
-        except (OSError, AttributeError):
+        madvise = _libc_function("madvise")
+        if madvise is None:
             return False
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         madvise.restype = ctypes.c_int
@@ -193,7 +197,6 @@ class MemoryGuard:
         self._thread: threading.Thread | None = None
         self.releases = 0
         self.failures = 0
-        self.page_outs = 0
 
     def check(self) -> bool:
         """One look: release when above the mark. True when it released."""
@@ -223,9 +226,13 @@ class MemoryGuard:
             return
         self._paged_at = now
         self._pager.page_out()
-        self.page_outs += 1
         if self._count_code is not None:
             self._count_code()
+
+    @property
+    def page_outs(self) -> int:
+        """Page-outs of the engine's code so far."""
+        return self._pager.page_outs
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -127,7 +127,7 @@ class RuleScheduler:
             if not self.store_ready():
                 self.skipped += 1
                 return
-            self.run_once()
+            self.run_once(keep=False)  # the alerts are written; not held for a caller
         except Exception as exc:
             self.failures += 1
             _log.error("scheduled rule run failed (%s); retrying at the next tick",
@@ -142,9 +142,12 @@ class RuleScheduler:
             return 0
         return deliver_pending(self.store, self.submit, self.sinks)
 
-    def run_once(self, now_us: int | None = None) -> tuple[list[Alert], int]:
+    def run_once(self, now_us: int | None = None, *, keep: bool = True,
+                 ) -> tuple[list[Alert], int]:
+        """One scheduled run, then a delivery: the alerts written (none with ``keep=False``)
+        and the number of deliveries."""
         with self._lock:
-            alerts = list(self.engine.run_due(now_us))
+            alerts = self.engine.run_due(now_us, keep=keep)
             delivered = self._deliver_safely()
         return alerts, delivered
 

@@ -4,8 +4,14 @@ Scheduled runs (``run_due``) evaluate, for each enabled rule, the windows ending
 ``(watermark, now - lateness]``: the watermark is the largest ``window_to`` of the rule's
 scheduled runs in ``rule_runs`` (a first run starts one step before ``now - lateness``, not at
 the beginning of time). An event that arrives at most ``lateness`` after its time is therefore
-counted; later ones are for ``backfill``. The alerts of a run and the ``rule_runs`` rows that
-advance the watermarks are written in one ``submit`` (one commit).
+counted; later ones are for ``backfill``.
+
+A run writes its alerts in parts of at most ``part_alerts`` (1,000), each one ``submit`` (one
+commit), and a rule's ``rule_runs`` row, which advances its watermark, after the rule's last
+part: a run holds one part's alerts and evidence in memory, not all of them (an alert storm
+raises thousands at once). A run that stops between parts (a crash, a failed write) leaves
+its rules' watermarks where they were; the next run evaluates the same windows again and the
+deduplication drops the alerts already written.
 
 Deduplication: an alert's id is derived from (rule, group key, window start), and a candidate
 is dropped when an alert of the same rule and group key exists with an overlapping window;
@@ -23,7 +29,7 @@ import string
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -47,8 +53,12 @@ SHARD_FACTOR = 4
 MAX_SHARDS = 256
 #: after this many runs that fitted, a query tries SHARD_FACTOR times fewer shards
 SHARD_DECAY = 10
-#: the second stage of a two-stage rule reads the evidence of at most this many groups a query
-EVIDENCE_GROUPS = 5_000
+#: a run writes its alerts in parts of at most this many, and the second stage of a two-stage
+#: rule reads the evidence of at most this many groups a query. Measured in-process, 6,000
+#: alerts of 100 evidence ids at once: one part of all of them made the run's transient
+#: +264 MiB (the evidence query's result, the alerts, the insert's block), parts of 1,000
+#: (session 14, bench/README.md)
+PART_ALERTS = 1_000
 
 
 class QueryStore(Protocol):
@@ -81,6 +91,75 @@ class _Fired:
 
 
 _W = TypeVar("_W", Alert, _Fired)
+
+
+class _Seen:
+    """The alerts a run must not raise: those stored, read for each set of candidates (their
+    rules and time range), and those the run kept already, which may not be stored yet.
+    Among candidates the earliest of overlapping windows of a rule and group wins, also
+    across sets when every set's windows start no earlier than the previous set's windows
+    of the same groups (``_candidates`` yields them so)."""
+
+    def __init__(self, store: QueryStore) -> None:
+        self.store = store
+        self.ids: set[uuid.UUID] = set()
+        self.taken: dict[tuple[str, str], set[tuple[int, int]]] = {}
+
+    def fresh(self, candidates: Sequence[_W]) -> list[_W]:
+        if not candidates:
+            return []
+        lo = min(a.window_start_us for a in candidates)
+        hi = max(a.window_end_us for a in candidates)
+        rule_ids = sorted({a.rule_id for a in candidates})
+        _, rows = self.store.query(
+            "SELECT alert_id, rule_id, group_key, toUnixTimestamp64Micro(window_start), "
+            "toUnixTimestamp64Micro(window_end) FROM alerts "
+            "WHERE rule_id IN {rules:Array(String)} "
+            "AND window_end > fromUnixTimestamp64Micro({lo:Int64}, 'UTC') "
+            "AND window_start < fromUnixTimestamp64Micro({hi:Int64}, 'UTC')",
+            {"rules": rule_ids, "lo": lo, "hi": hi})
+        ids, taken = self.ids, self.taken
+        for aid, rid, key, ws, we in rows:
+            ids.add(aid if isinstance(aid, uuid.UUID) else uuid.UUID(str(aid)))
+            taken.setdefault((str(rid), str(key)), set()).add((int(ws), int(we)))
+        kept: list[_W] = []
+        for a in sorted(candidates, key=lambda a: (a.window_start_us, a.window_end_us)):
+            if a.alert_id in ids:
+                continue
+            spans = taken.setdefault((a.rule_id, a.group_key), set())
+            if any(ws < a.window_end_us and a.window_start_us < we for ws, we in spans):
+                continue
+            spans.add((a.window_start_us, a.window_end_us))
+            ids.add(a.alert_id)
+            kept.append(a)
+        return kept
+
+
+class _Outbox:
+    """A run's writes: alerts in parts of at most ``part`` rows, each ``rule_runs`` row in
+    the first submit after the last of its rule's alerts."""
+
+    def __init__(self, submit: Submit, encoder: RecordEncoder, part: int) -> None:
+        self.submit, self.encoder, self.part = submit, encoder, part
+        self.alerts: list[Alert] = []
+        self.runs: list[list[Any]] = []
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        self.alerts += alerts
+        while len(self.alerts) >= self.part:
+            self.flush(self.part)
+
+    def run(self, row: list[Any]) -> None:
+        self.runs.append(row)
+
+    def flush(self, n: int | None = None) -> None:
+        part = self.alerts if n is None else self.alerts[:n]
+        if not part and not self.runs:
+            return
+        self.submit({"alerts": [self.encoder.alert_row(a) for a in part],
+                     "rule_runs": self.runs})
+        self.alerts = [] if n is None else self.alerts[n:]
+        self.runs = []
 
 
 def _group_key(group_by: Sequence[str], row: Sequence[Any]) -> tuple[str, list[str]]:
@@ -148,7 +227,12 @@ class RuleEngine:
     like a broken rule: logged, counted, retried on the next run, the other rules
     unaffected. A scheduled run of a grouped counting rule is two queries (``two_stage``):
     the second, with evidence, only for the groups that crossed the threshold and were not
-    alerted on already."""
+    alerted on already.
+
+    Runs write their alerts in parts of ``part_alerts`` (see the module). ``run_due`` and
+    ``backfill`` return the alerts written; with ``keep=False`` they return none, so that a
+    run holds one part's alerts at a time (the service's scheduled runs; ``stats`` counts
+    them)."""
 
     def __init__(self, store: QueryStore, submit: Submit, encoder: RecordEncoder,
                  rules: Sequence[Rule], config: RulesConfig | None = None, *,
@@ -200,6 +284,10 @@ class RuleEngine:
     #: alerts. Evaluation is background work; the service's memory is not.
     materialize_windows: bool = False
 
+    #: a run writes its alerts in parts of at most this many; a two-stage rule's evidence is
+    #: read for this many groups a query
+    part_alerts: int = PART_ALERTS
+
     #: the most shards a query that needs more memory than it may use is split into
     max_shards: int = MAX_SHARDS
     #: after this many runs of a query that fitted in its shards, the next run tries
@@ -221,8 +309,9 @@ class RuleEngine:
                             materialize=self.materialize_windows and bool(self._materialize),
                             shard=shard, stage=stage, only=only)
 
-    def run_due(self, now_us: int | None = None) -> list[Alert]:
-        """Evaluate every enabled rule's due windows; write the alerts and the watermarks."""
+    def run_due(self, now_us: int | None = None, *, keep: bool = True) -> list[Alert]:
+        """Evaluate every enabled rule's due windows; write the alerts and the watermarks.
+        Returns the alerts written (none with ``keep=False``)."""
         with self._lock:
             now = now_us if now_us is not None else time.time_ns() // 1000
             horizon = now - self.config.lateness_s * 1_000_000
@@ -237,10 +326,10 @@ class RuleEngine:
                     to = frm + MAX_CATCHUP_US // step_us * step_us
                 if to > frm:
                     plan.append((rule, frm, to))
-            return self._run(plan, "scheduled", now)
+            return self._run(plan, "scheduled", now, keep)
 
-    def backfill(self, start_us: int, end_us: int,
-                 rule_ids: Iterable[str] | None = None) -> list[Alert]:
+    def backfill(self, start_us: int, end_us: int, rule_ids: Iterable[str] | None = None,
+                 *, keep: bool = True) -> list[Alert]:
         """Evaluate the windows ending in ``(start_us, end_us]`` (mode ``backfill``); never
         raises an alert that overlaps an existing one of the same rule and group."""
         if end_us <= start_us:
@@ -252,7 +341,7 @@ class RuleEngine:
             frm = start_us
             while frm < end_us:
                 to = min(end_us, frm + CHUNK_US)
-                out += self._run([(r, frm, to) for r in chosen], "backfill", now)
+                out += self._run([(r, frm, to) for r in chosen], "backfill", now, keep)
                 frm = to
             return out
 
@@ -260,8 +349,9 @@ class RuleEngine:
         """A dry run: the alerts ``rule`` would raise for windows ending in
         ``(start_us, end_us]``, deduplicated against stored alerts, nothing written."""
         now = time.time_ns() // 1000
-        cands = self._candidates(rule, start_us, end_us, "test", now)
-        return self._dedup(cands)
+        seen = _Seen(self.store)
+        return [a for part in self._candidates(rule, start_us, end_us, "test", now)
+                for a in seen.fresh(part)]
 
     # -- internals --------------------------------------------------------------------
     def _rule(self, rule_id: str) -> Rule:
@@ -276,45 +366,50 @@ class RuleEngine:
             "WHERE mode = 'scheduled' GROUP BY rule_id")
         return {str(r[0]): int(r[1]) for r in rows}
 
-    def _run(self, plan: list[tuple[Rule, int, int]], mode: str, now: int) -> list[Alert]:
+    def _run(self, plan: list[tuple[Rule, int, int]], mode: str, now: int,
+             keep: bool = True) -> list[Alert]:
         started = time.monotonic()
-        candidates: list[Alert] = []
-        runs: list[list[Any]] = []
-        counts: dict[str, int] = {}
+        seen = _Seen(self.store)
+        outbox = _Outbox(self.submit, self.encoder, self.part_alerts)
+        written: list[Alert] = []
+        raised = 0
         for rule, frm, to in plan:
             t0 = time.monotonic()
-            cands: list[Alert] = []
-            cursor = frm
-            try:
-                while cursor < to:
-                    nxt = min(to, cursor + CHUNK_US)
-                    cands += self._candidates(rule, cursor, nxt, mode, now)
-                    cursor = nxt
-            except (PermanentError, MemoryLimitExceeded) as exc:
-                # one broken rule does not stop the others; its watermark stays, it is retried
-                self.stats.failures += 1
-                _log.error("rules: rule %s failed: %s", rule.id, exc)
+            count, failed = 0, False
+            parts = self._rule_parts(rule, frm, to, mode, now)
+            while not failed:
+                try:
+                    part = next(parts, None)
+                except (PermanentError, MemoryLimitExceeded) as exc:
+                    # one broken rule does not stop the others; its watermark stays, it is
+                    # retried (the alerts it wrote before are dropped then as duplicates)
+                    self.stats.failures += 1
+                    _log.error("rules: rule %s failed: %s", rule.id, exc)
+                    failed = True
+                    continue
+                if part is None:
+                    break
+                # outside the rule's errors: a failed read of the alerts or a failed write
+                # ends the run (the scheduler retries it)
+                fresh = seen.fresh(part)
+                self.stats.candidates += len(part)
+                self.stats.duplicates += len(part) - len(fresh)
+                count += len(fresh)
+                raised += len(fresh)
+                outbox.add(fresh)
+                if keep:
+                    written += fresh
+            if failed:
                 continue
-            candidates += cands
-            counts[rule.id] = 0
-            runs.append([rule.id, mode, frm, to, now, 0,
-                         int((time.monotonic() - t0) * 1_000_000), rule_hash(rule)])
-        alerts = self._dedup(candidates)
-        for a in alerts:
-            counts[a.rule_id] = counts.get(a.rule_id, 0) + 1
-        for row in runs:
-            row[5] = counts.get(row[0], 0)
-        if runs:
-            self.submit({"alerts": [self.encoder.alert_row(a) for a in alerts],
-                         "rule_runs": runs})
+            outbox.run([rule.id, mode, frm, to, now, count,
+                        int((time.monotonic() - t0) * 1_000_000), rule_hash(rule)])
+        outbox.flush()
         self.stats.rules += len(plan)
-        self.stats.candidates += len(candidates)
-        self.stats.alerts += len(alerts)
-        self.stats.duplicates += len(candidates) - len(alerts)
+        self.stats.alerts += raised
         self.stats.seconds += time.monotonic() - started
-        if alerts:
-            _log.info("rules: %d alert(s) raised (%s)", len(alerts), mode)
-        return alerts
+        if raised:
+            _log.info("rules: %d alert(s) raised (%s)", raised, mode)
+        return written
 
     def _query(self, rule: Rule, stage: str, make: Callable[[tuple[int, int]], Compiled],
                ) -> tuple[Compiled, list[tuple[Any, ...]], bool]:
@@ -353,20 +448,42 @@ class RuleEngine:
                         del self._shards[key]
             return compiled, rows, truncated
 
-    def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
+    def _rule_parts(self, rule: Rule, frm: int, to: int, mode: str, now: int,
+                    ) -> Iterator[list[Alert]]:
+        cursor = frm
+        while cursor < to:
+            nxt = min(to, cursor + CHUNK_US)
+            yield from self._candidates(rule, cursor, nxt, mode, now)
+            cursor = nxt
+
+    def _candidates(self, rule: Rule, frm: int, to: int, mode: str, now: int,
+                    ) -> Iterator[list[Alert]]:
+        """The candidate alerts of ``rule`` for the windows ending in ``(frm, to]``, in parts
+        of at most ``part_alerts``; a group's windows come in the order they start."""
         if two_stage(rule, frm, to, self.config.step_s):
-            return self._two_stage(rule, frm, to, mode, now)
+            yield from self._two_stage(rule, frm, to, mode, now)
+            return
         compiled, rows, truncated = self._query(
             rule, "all", lambda shard: self._compile(rule, frm, to, shard))
         if truncated:
             self.stats.truncated += 1
             _log.warning("rules: rule %s matched %d events or more in one range; the rest of "
                          "the range is not alerted on", rule.id, MAX_ROWS)
-        return self._alerts(rule, compiled, rows, mode, now)
+        yield from self._parts(rule, compiled, rows, mode, now)
 
-    def _two_stage(self, rule: Rule, frm: int, to: int, mode: str, now: int) -> list[Alert]:
+    def _parts(self, rule: Rule, compiled: Compiled, rows: list[tuple[Any, ...]], mode: str,
+               now: int) -> Iterator[list[Alert]]:
+        """``rows`` as alerts, ``part_alerts`` at a time. A query's rows come ordered by their
+        window's end, and a group's rows all come from one shard: a group's windows come in
+        the order they start, as ``_Seen`` needs."""
+        for i in range(0, len(rows), self.part_alerts):
+            yield self._alerts(rule, compiled, rows[i:i + self.part_alerts], mode, now)
+
+    def _two_stage(self, rule: Rule, frm: int, to: int, mode: str, now: int,
+                   ) -> Iterator[list[Alert]]:
         """Which (group, window) pairs cross the threshold, without evidence; then the whole
-        query over the groups among them not yet alerted on (``compile_rule``'s stages)."""
+        query over the groups among them not yet alerted on (``compile_rule``'s stages),
+        ``part_alerts`` groups a query: a group's windows all come from one query."""
         compiled, rows, _ = self._query(
             rule, "check", lambda shard: self._compile(rule, frm, to, shard, stage="check"))
         fired = []
@@ -375,18 +492,19 @@ class RuleEngine:
             ws = int(row[0])
             fired.append(_Fired(alert_id(rule.id, key, ws), rule.id, key, ws, int(row[1]),
                                 int(row[-1])))
-        fresh = self._dedup(fired)
+        del rows
+        fresh = _Seen(self.store).fresh(fired)
         self.stats.fired += len(fired)
         self.stats.fired_known += len(fired) - len(fresh)
         # a fresh group's other window (or a group sharing a fresh one's hash) may come back
         # too: the run's deduplication drops it, as it dropped it here
         hashes = sorted({f.group_hash for f in fresh})
-        out: list[Alert] = []
-        for i in range(0, len(hashes), EVIDENCE_GROUPS):
+        del fired, fresh
+        step = self.part_alerts
+        for i in range(0, len(hashes), step):
             compiled, rows, _ = self._query(rule, "evidence", functools.partial(
-                self._compile, rule, frm, to, only=hashes[i:i + EVIDENCE_GROUPS]))
-            out += self._alerts(rule, compiled, rows, mode, now)
-        return out
+                self._compile, rule, frm, to, only=hashes[i:i + step]))
+            yield from self._parts(rule, compiled, rows, mode, now)
 
     def _alerts(self, rule: Rule, compiled: Compiled, rows: list[tuple[Any, ...]], mode: str,
                 now: int) -> list[Alert]:
@@ -409,33 +527,3 @@ class RuleEngine:
                 [e if isinstance(e, uuid.UUID) else uuid.UUID(str(e)) for e in evidence],
                 int(ev_count), [str(t) for t in traces], mode))
         return out
-
-    def _dedup(self, candidates: list[_W]) -> list[_W]:
-        if not candidates:
-            return []
-        lo = min(a.window_start_us for a in candidates)
-        hi = max(a.window_end_us for a in candidates)
-        rule_ids = sorted({a.rule_id for a in candidates})
-        _, rows = self.store.query(
-            "SELECT alert_id, rule_id, group_key, toUnixTimestamp64Micro(window_start), "
-            "toUnixTimestamp64Micro(window_end) FROM alerts "
-            "WHERE rule_id IN {rules:Array(String)} "
-            "AND window_end > fromUnixTimestamp64Micro({lo:Int64}, 'UTC') "
-            "AND window_start < fromUnixTimestamp64Micro({hi:Int64}, 'UTC')",
-            {"rules": rule_ids, "lo": lo, "hi": hi})
-        taken: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        ids: set[uuid.UUID] = set()
-        for aid, rid, key, ws, we in rows:
-            ids.add(aid if isinstance(aid, uuid.UUID) else uuid.UUID(str(aid)))
-            taken.setdefault((str(rid), str(key)), []).append((int(ws), int(we)))
-        kept: list[_W] = []
-        for a in sorted(candidates, key=lambda a: (a.window_start_us, a.window_end_us)):
-            if a.alert_id in ids:
-                continue
-            spans = taken.setdefault((a.rule_id, a.group_key), [])
-            if any(ws < a.window_end_us and a.window_start_us < we for ws, we in spans):
-                continue
-            spans.append((a.window_start_us, a.window_end_us))
-            ids.add(a.alert_id)
-            kept.append(a)
-        return kept

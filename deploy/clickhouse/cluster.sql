@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/audit_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'PHI audit events: append-only, encrypted PHI, hash-chained per writer, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.audit_events ON CLUSTER 'phiaudit'
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.access_log_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/access_log_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'every read of the audit trail through phiaudit: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.access_log ON CLUSTER 'phiaudit'
@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.otel_traces_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/otel_traces_local', '{replica}')
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1;
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1;
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.otel_traces ON CLUSTER 'phiaudit'
 AS `phiaudit`.otel_traces_local
@@ -157,7 +157,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.checkpoints_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/checkpoints_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (origin, writer_id, tree_size, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'signed Merkle checkpoints of the hash chains: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.checkpoints ON CLUSTER 'phiaudit'
@@ -175,7 +175,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.legal_holds_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/legal_holds_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (hold_id, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'legal holds: placing and releasing are both appended; no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.legal_holds ON CLUSTER 'phiaudit'
@@ -215,7 +215,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_events_local', '{replica}')
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'infrastructure records: append-only, encrypted raw record, hash-chained, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.infra_events ON CLUSTER 'phiaudit'
@@ -235,7 +235,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups_local ON CLUSTER 'phiaudit' 
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/infra_rollups_local', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (source_kind, minute, actor_id, object_name)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'per-minute counts of infrastructure records that touch no PHI: append-only, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.infra_rollups ON CLUSTER 'phiaudit'
@@ -265,7 +265,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.alerts_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/alerts_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (writer_id, seq)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'alerts raised by rules: append-only, hash-chained, no TTL';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.alerts ON CLUSTER 'phiaudit'
@@ -284,7 +284,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.care_relationships_local ON CLUSTER 'phiau
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/care_relationships_local', '{replica}')
 PARTITION BY toYYYYMM(loaded_time)
 ORDER BY (actor_id, patient_bidx, start)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'care relationships (practitioner, patient blind index, period): append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.care_relationships ON CLUSTER 'phiaudit'
@@ -303,7 +303,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.rule_runs_local ON CLUSTER 'phiaudit' (
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/rule_runs_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (rule_id, window_to)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'rule evaluations and their watermarks: append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.rule_runs ON CLUSTER 'phiaudit'
@@ -320,7 +320,7 @@ CREATE TABLE IF NOT EXISTS `phiaudit`.alert_deliveries_local ON CLUSTER 'phiaudi
 ) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/phiaudit/alert_deliveries_local', '{replica}')
 PARTITION BY toYYYYMM(time)
 ORDER BY (alert_id, sink, time)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, index_granularity_bytes = 2097152, merge_selector_base = 64, min_bytes_for_wide_part = 268435456, max_parts_to_merge_at_once = 16, fsync_after_insert = 1
 COMMENT 'alert delivery attempts: append-only';
 
 CREATE TABLE IF NOT EXISTS `phiaudit`.alert_deliveries ON CLUSTER 'phiaudit'

@@ -57,6 +57,7 @@ def test_merge_settings_are_in_effect(store: Store) -> None:
         assert "max_parts_to_merge_at_once = 16" in engine, name
         assert "non_replicated_deduplication_window = 10000" in engine, name
         assert "fsync_after_insert = 1" in engine, name
+        assert "index_granularity_bytes = 2097152" in engine, name
     # stores made before the tuning get it by ALTER (``_tuning_statements``): that list must
     # name every table, or a table added later would keep LZ4 and the old merges on upgrade
     assert {name for name, _ in rows} == set(_TUNED_TABLES)
@@ -111,3 +112,31 @@ def test_a_committed_batch_is_synced_to_the_disk(
     part = Path(parts[0][1])
     assert part.name == parts[0][0] and part.is_dir()
     assert synced == [part, part.parent], synced
+
+
+def test_a_granule_holds_at_most_2_mib(store: Store, encoder: RecordEncoder) -> None:
+    # a merge reads one granule of each part it merges at a time: 8,000 audit rows of ~1 KiB
+    # (7.4 MiB) are 3 granules (the engine sizes them by its estimate of the rows in memory),
+    # where the default (10 MiB) made them one. After the test above, which expects a table
+    # with one part
+    writer = BatchWriter(store, "test-granules", [TableSpec("audit_events", AUDIT_COLUMNS,
+                                                            chained=True)])
+    writer.start()
+    try:
+        rows = [encoder.audit_row(AuditEvent(
+            event_id=uuid.uuid4(), event_time_us=1_764_000_000_000_000 + i,
+            received_time_us=1_764_000_000_000_000 + i, action="read", outcome="success",
+            patient_id=f"syn-granule-{i}", actor_id="u", resource_type="Patient",
+            resource_id=f"syn-granule-{i}", user_agent="x" * 600)) for i in range(8000)]
+        writer.submit(None, {"audit_events": rows}).result(timeout=60)
+    finally:
+        assert writer.shutdown()
+    _, parts = store.query(
+        "SELECT marks, data_uncompressed_bytes FROM system.parts "
+        "WHERE database = currentDatabase() AND table = 'audit_events' AND active "
+        "AND rows = 8000")
+    assert len(parts) == 1, parts
+    marks, size = parts[0]
+    assert 6 * 2**20 < size < 10 * 2**20, size  # one granule by default, several now
+    granules = marks - 1  # a compact part ends with a final mark
+    assert granules >= 3, (granules, size)

@@ -301,7 +301,15 @@ _MERGE_TUNING = ("merge_selector_base = 64, min_bytes_for_wide_part = 268435456,
 #: (bench/README.md, session 13). A server's operator sets ``fsync_part_directory`` in its
 #: ``merge_tree`` configuration
 _DURABILITY = "fsync_after_insert = 1"
-_BASE_SETTINGS = ("SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192, "
+#: a granule (the rows a merge reads from each of its parts at a time) holds at most 2 MiB
+#: (default 10 MiB). A merge into a compact part is horizontal: it holds one granule of every
+#: part it merges, and late in a 600 s bench run (parts of 8,192-row granules, ~10 MiB of
+#: audit rows each) merges of 12-16 parts used 150-200 MiB each, the largest part of the
+#: service's peaks. With 2 MiB, merges used at most 172 MiB together instead of 266 and the run
+#: peaked at 793 MiB against 855-947 (bench/README.md, session 14). Fixed when a table is made
+#: (a read-only MergeTree setting): stores made before keep 10 MiB
+_GRANULES = "index_granularity = 8192, index_granularity_bytes = 2097152"
+_BASE_SETTINGS = ("SETTINGS non_replicated_deduplication_window = 10000, " + _GRANULES + ", "
                   + _MERGE_TUNING + ", " + _DURABILITY)
 
 #: the tables created with ``_cols`` and the merge settings, for upgrading older stores

@@ -55,9 +55,9 @@ MAX_SHARDS = 256
 SHARD_DECAY = 10
 #: a run writes its alerts in parts of at most this many, and the second stage of a two-stage
 #: rule reads the evidence of at most this many groups a query. Measured in-process, 6,000
-#: alerts of 100 evidence ids at once: one part of all of them made the run's transient
-#: +264 MiB (the evidence query's result, the alerts, the insert's block), parts of 1,000
-#: (session 14, bench/README.md)
+#: alerts of 100 evidence ids at once: the process's anonymous memory rose 830-843 MiB over
+#: the run in parts of 5,000 and one write, 203-259 in parts of 1,000 (bench/README.md,
+#: session 14)
 PART_ALERTS = 1_000
 
 

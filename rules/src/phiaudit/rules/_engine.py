@@ -149,9 +149,6 @@ class _Outbox:
         while len(self.alerts) >= self.part:
             self.flush(self.part)
 
-    def run(self, row: list[Any]) -> None:
-        self.runs.append(row)
-
     def flush(self, n: int | None = None) -> None:
         part = self.alerts if n is None else self.alerts[:n]
         if not part and not self.runs:
@@ -401,8 +398,8 @@ class RuleEngine:
                     written += fresh
             if failed:
                 continue
-            outbox.run([rule.id, mode, frm, to, now, count,
-                        int((time.monotonic() - t0) * 1_000_000), rule_hash(rule)])
+            outbox.runs.append([rule.id, mode, frm, to, now, count,
+                                int((time.monotonic() - t0) * 1_000_000), rule_hash(rule)])
         outbox.flush()
         self.stats.rules += len(plan)
         self.stats.alerts += raised
